@@ -1,0 +1,11 @@
+"""keras_sketch: memory-efficient Keras optimizers with count-sketch state.
+
+Implements "Compressing Gradient Optimizers via Count-Sketches" (Spring,
+Kyrillidis, Mohan, Shrivastava, ICML 2019) for Keras 3 on TensorFlow.
+"""
+
+from keras_sketch.memory import MemoryReport
+from keras_sketch.optimizers import CSAdagrad, CSAdam, CSMomentum, CSRMSprop, SketchOptimizer
+
+__version__ = "0.1.0"
+__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "MemoryReport", "SketchOptimizer"]

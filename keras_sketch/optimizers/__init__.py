@@ -1,0 +1,9 @@
+"""keras_sketch optimizers."""
+
+from keras_sketch.optimizers.adagrad import CSAdagrad
+from keras_sketch.optimizers.adam import CSAdam
+from keras_sketch.optimizers.base import SketchOptimizer
+from keras_sketch.optimizers.momentum import CSMomentum
+from keras_sketch.optimizers.rmsprop import CSRMSprop
+
+__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "SketchOptimizer"]

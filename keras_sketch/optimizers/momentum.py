@@ -1,0 +1,39 @@
+"""CSMomentum: SGD with count-sketch momentum (Algorithm 2)."""
+
+import keras
+
+from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_beta
+
+
+@keras.saving.register_keras_serializable(package="keras_sketch")
+class CSMomentum(SketchOptimizer):
+    """SGD with momentum whose momentum buffer is a count-sketch (median query).
+
+    The update is the paper's ``m <- momentum * m + g``, ``x <- x - lr * m``
+    (Nesterov: ``x <- x - lr * (g + momentum * m)``).  With a constant
+    learning rate it equals ``keras.optimizers.SGD(momentum=...)``; Keras folds
+    the learning rate into its buffer, so under a schedule the two differ the
+    way PyTorch's and Keras's SGD differ.
+
+    Args:
+        learning_rate, momentum, nesterov: as ``keras.optimizers.SGD``
+            (``momentum`` in [0, 1)).
+        Sketch and Keras base arguments: see ``SketchOptimizer``.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, name="csmomentum", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = check_beta("momentum", momentum)
+        self.nesterov = bool(nesterov)
+
+    def _slot_kinds(self):
+        return {"m": (COUNT_SKETCH, 0.0)}
+
+    def _step(self, g, state, lr, t):
+        m = state.accumulate("m", g, decay=self.momentum)
+        return lr * (g + self.momentum * m if self.nesterov else m)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"momentum": self.momentum, "nesterov": self.nesterov})
+        return config

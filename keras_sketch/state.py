@@ -1,0 +1,184 @@
+"""Optimizer state of one variable, exact or sketched, dense or row-sparse.
+
+Every auxiliary variable of every optimizer is updated with one rule,
+
+    X <- decay * X + scale * x          (``accumulate``)
+
+Adam's moments use ``decay=beta, scale=1-beta``, Adagrad ``decay=1``,
+momentum ``decay=gamma, scale=1``.  How the rule is carried out depends on the
+gradient, and is decided here once for all optimizers:
+
+* dense gradient (all rows): the state decays whole and ``scale * x`` is added
+  (for a sketch: ``S <- decay * S + sketch(scale * x)``, exact because the
+  sketch is linear; it keeps count-min buckets non-negative);
+* sparse rows (``tf.IndexedSlices``): only the touched rows change, by the
+  paper's per-row delta ``(decay - 1) * X_prev + scale * x``, with ``X_prev``
+  queried from the state.  Untouched rows do not decay (lazy updates, like
+  LazyAdam and PyTorch's SparseAdam).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def tf_variable(variable):
+    """The ``tf.Variable`` behind a ``keras.Variable`` (or the variable itself)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+class ExactState:
+    """Full-size state ``[rows, dim]``: the same interface as ``Sketch``."""
+
+    kind = "exact"
+    identity = True
+
+    def __init__(self, variable):
+        self.table = variable
+        self.rows, self.dim = (int(s) for s in variable.shape)
+
+    def locate(self, rows):
+        return tf.cast(rows, tf.int64)
+
+    def query(self, loc):
+        return tf.gather(self._tensor(), loc)
+
+    def query_all(self):
+        return self._tensor()
+
+    def add(self, loc, delta):
+        self._variable().scatter_nd_add(loc[:, None], delta)
+
+    def decay_add_all(self, decay, x):
+        table = self._tensor()
+        self._variable().assign(table * tf.cast(decay, table.dtype) + x)
+
+    def scale(self, factor):
+        self._variable().assign(self._tensor() * tf.cast(factor, self.table.dtype))
+
+    def _variable(self):
+        return tf_variable(self.table)
+
+    def _tensor(self):
+        return tf.convert_to_tensor(self._variable())
+
+
+class Rows:
+    """A merged batch of unique rows of a variable's ``[rows, dim]`` view.
+
+    ``ids`` has a static length; entries past the number of unique rows are
+    padding (``mask`` 0, id 0) so the sparse path keeps static shapes.
+    """
+
+    def __init__(self, ids, mask):
+        self.ids = ids  # int64 [k]
+        self.mask = mask  # float [k, 1]
+
+
+def merge_duplicates(ids, values):
+    """Sums the values of repeated ids, with static shapes (XLA/TPU friendly).
+
+    Returns ``(unique_ids, summed_values, valid)``, each of length ``k``: the
+    first ``n_unique`` entries are the unique ids in ascending order, the rest
+    are padding with id 0, zero values and ``valid`` False.
+    """
+    ids = tf.cast(ids, tf.int64)
+    k = tf.shape(ids)[0]
+    order = tf.argsort(ids, stable=True)
+    ids = tf.gather(ids, order)
+    values = tf.gather(values, order)
+    first = tf.concat([tf.ones([1], tf.bool), ids[1:] != ids[:-1]], axis=0)[:k]
+    segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
+    summed = tf.math.unsorted_segment_sum(values, segment, k)
+    unique = tf.math.unsorted_segment_max(ids, segment, k)
+    valid = tf.range(k) < tf.reduce_sum(tf.cast(first, tf.int32))
+    unique = tf.where(valid, unique, tf.zeros_like(unique))
+    return unique, summed, valid
+
+
+def accumulate(slot, x, decay, scale, rows=None):
+    """``X <- decay * X + scale * x`` on ``slot``; returns the new estimate.
+
+    ``x`` is ``[rows, dim]`` when ``rows`` is None (dense), else ``[k, dim]``
+    for ``rows.ids``.  The estimate is queried after the update, as in the
+    paper's algorithms.
+    """
+    if rows is None:
+        slot.decay_add_all(decay, scale * x)
+        return slot.query_all()
+    loc = slot.locate(rows.ids)
+    previous = slot.query(loc)
+    slot.add(loc, rows.mask * ((decay - 1.0) * previous + scale * x))
+    return slot.query(loc)
+
+
+class StepState:
+    """The state of one variable during one step: what the update math sees."""
+
+    def __init__(self, slots, rows=None):
+        self.slots = slots
+        self.rows = rows
+
+    def accumulate(self, name, x, decay, scale=1.0):
+        return accumulate(self.slots[name], x, decay, scale, self.rows)
+
+    def ema(self, name, x, beta):
+        """Exponential moving average: ``X <- beta * X + (1 - beta) * x``."""
+        return self.accumulate(name, x, beta, 1.0 - beta)
+
+
+class Layout:
+    """How a variable is seen as a 2-D ``[rows, dim]`` state.
+
+    Leading dimensions are flattened: ``[prod(shape[:-1]), shape[-1]]``
+    (scalars ``[1, 1]``, vectors ``[n, 1]``).  With ``transpose`` the last
+    axis is the row axis instead, e.g. the class axis of a Keras ``Dense``
+    kernel ``[in, out]``.
+    """
+
+    def __init__(self, shape, transpose=False):
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) == 0:
+            lead, last = 1, 1
+        elif len(self.shape) == 1:
+            lead, last = self.shape[0], 1
+        else:
+            lead, last = int(np.prod(self.shape[:-1])), self.shape[-1]
+        self.transpose = bool(transpose)
+        self.rows, self.dim = (last, lead) if transpose else (lead, last)
+        self._lead_last = (lead, last)
+
+    @property
+    def sparse_rows(self):
+        """Whether ``IndexedSlices`` rows (axis 0) map to rows of the view."""
+        return not self.transpose and len(self.shape) >= 1
+
+    def view(self, t):
+        t = tf.reshape(t, self._lead_last)
+        return tf.transpose(t) if self.transpose else t
+
+    def unview(self, t):
+        if self.transpose:
+            t = tf.transpose(t)
+        return tf.reshape(t, self.shape)
+
+    def sparse_view(self, gradient):
+        """``(ids, values)`` of an ``IndexedSlices`` gradient in view rows."""
+        ids = tf.cast(gradient.indices, tf.int64)
+        values = gradient.values
+        if len(self.shape) <= 2:
+            return ids, tf.reshape(values, [-1, self.dim])
+        block = int(np.prod(self.shape[1:-1]))
+        ids = tf.reshape(ids[:, None] * block + tf.range(block, dtype=tf.int64)[None, :], [-1])
+        return ids, tf.reshape(values, [-1, self.dim])
+
+    def scatter_sub(self, variable, ids, delta):
+        """``variable[view rows ids] -= delta``, touching those rows only."""
+        variable = tf_variable(variable)
+        if len(self.shape) == 1:
+            variable.scatter_nd_sub(ids[:, None], delta[:, 0])
+        elif len(self.shape) == 2:
+            variable.scatter_nd_sub(ids[:, None], delta)
+        else:
+            index = tf.transpose(tf.unravel_index(ids, self.shape[:-1]))
+            variable.scatter_nd_sub(index, delta)
