@@ -316,7 +316,7 @@ def _lm(vocab=500):
 @pytest.mark.parametrize("optimizer", [
     lambda: ks.CSAdam(learning_rate=0.01, min_rows=100),
     lambda: ks.CSAdam(learning_rate=0.01, min_rows=100, first_moment="sketch", depth=3),
-    lambda: ks.CSAdagrad(learning_rate=0.1, min_rows=100),
+    lambda: ks.CSAdagrad(learning_rate=0.5, min_rows=100),
     lambda: ks.CSMomentum(learning_rate=0.5, min_rows=100),
     lambda: ks.CSRMSprop(learning_rate=0.005, min_rows=100),
 ])
