@@ -43,7 +43,48 @@ def check_int(name, value, low, high=None):
     return int(check_number(name, value, low, high))
 
 
-class SketchOptimizer(keras.optimizers.Optimizer):
+class CompressedStateMixin:
+    """What every keras_sketch optimizer adds to ``keras.optimizers.Optimizer``:
+    a memory report and a state restore that refuses mismatched state.
+
+    Subclasses fill ``self._memory_rows`` (one ``memory.variable_row`` dict
+    per model variable) in ``build()``.
+    """
+
+    def memory_report(self):
+        """Per-variable optimizer-state memory against the exact optimizer."""
+        if not self.built:
+            raise ValueError("The optimizer is not built yet: call `build(variables)` or train first.")
+        return memory.MemoryReport(self._memory_rows)
+
+    def load_own_variables(self, store):
+        """Restores the state; refuses state saved with other sketch settings.
+
+        Keras's base class warns and skips loading when the number of
+        variables differs, which would silently drop trained state.
+        """
+        saved = [store[str(i)] for i in range(len(store.keys()))]
+        ours = self.variables
+        if len(saved) != len(ours):
+            raise ValueError(
+                f"Cannot load the state of optimizer {self.name!r}: it has {len(ours)} "
+                f"variables but the saved state has {len(saved)}. The saved optimizer was "
+                "built with other sketch settings (depth, width, compression, min_rows, "
+                "hash_axis, momentum options) or for other model variables."
+            )
+        for var, value in zip(ours, saved):
+            if tuple(var.shape) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"Cannot load the state of optimizer {self.name!r}: variable "
+                    f"{var.path!r} has shape {tuple(var.shape)} but the saved one has "
+                    f"{tuple(np.shape(value))}. The saved optimizer used other sketch "
+                    "settings (depth, width, compression or hash_axis)."
+                )
+        for var, value in zip(ours, saved):
+            var.assign(value)
+
+
+class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
     """Base class: Keras optimizer whose large state lives in count-sketches.
 
     Sketch arguments (shared by all keras_sketch optimizers):
@@ -218,12 +259,6 @@ class SketchOptimizer(keras.optimizers.Optimizer):
             )
 
     # -- reporting and configuration -------------------------------------------
-    def memory_report(self):
-        """Per-variable optimizer-state memory against the exact optimizer."""
-        if not self.built:
-            raise ValueError("The optimizer is not built yet: call `build(variables)` or train first.")
-        return memory.MemoryReport(self._memory_rows)
-
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -239,33 +274,6 @@ class SketchOptimizer(keras.optimizers.Optimizer):
             }
         )
         return config
-
-    def load_own_variables(self, store):
-        """Restores the state; refuses state saved with other sketch settings.
-
-        Keras's base class warns and skips loading when the number of
-        variables differs, which would silently drop trained state.
-        """
-        saved = [store[str(i)] for i in range(len(store.keys()))]
-        ours = self.variables
-        if len(saved) != len(ours):
-            raise ValueError(
-                f"Cannot load the state of optimizer {self.name!r}: it has {len(ours)} "
-                f"variables but the saved state has {len(saved)}. The saved optimizer was "
-                "built with other sketch settings (depth, width, compression, min_rows, "
-                "hash_axis, momentum options) or for other model variables."
-            )
-        for var, value in zip(ours, saved):
-            if tuple(var.shape) != tuple(np.shape(value)):
-                raise ValueError(
-                    f"Cannot load the state of optimizer {self.name!r}: variable "
-                    f"{var.path!r} has shape {tuple(var.shape)} but the saved one has "
-                    f"{tuple(np.shape(value))}. The saved optimizer used other sketch "
-                    "settings (depth, width, compression or hash_axis)."
-                )
-        for var, value in zip(ours, saved):
-            var.assign(value)
-
 
 def _clean(var):
     return var.path.replace("/", "_").replace(":", "_")
