@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras_sketch import memory
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, Sketch, hash_params, sketch_width
 from keras_sketch.state import ExactState, Layout, Rows, StepState, merge_duplicates
+from keras_sketch.optimizers import state_spec
 
 EXACT = "exact"
 HASH_AXES = ("auto", "first", "last")
@@ -57,14 +58,46 @@ class CompressedStateMixin:
             raise ValueError("The optimizer is not built yet: call `build(variables)` or train first.")
         return memory.MemoryReport(self._memory_rows)
 
+    def apply(self, grads, trainable_variables=None):
+        """``keras.optimizers.Optimizer.apply``, with sparse loss unscaling.
+
+        Keras unscales gradients with ``g / loss_scale_factor``, a TypeError
+        for ``tf.IndexedSlices``; they are wrapped so the division keeps them
+        sparse (see ``state_spec.SparseUnscale``).
+        """
+        if self.loss_scale_factor is not None:
+            grads = [
+                state_spec.SparseUnscale(g.values, g.indices, g.dense_shape)
+                if isinstance(g, tf.IndexedSlices)
+                else g
+                for g in grads
+            ]
+        return super().apply(grads, trainable_variables)
+
+    def _track_state_spec(self):
+        """Call at the end of ``build()``: checkpoints then save the state spec
+        and refuse, with a clear error, state saved with other settings."""
+        self._keras_sketch_state_spec = state_spec.StateSpecCheck(self)
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[state_spec.SPEC_KEY] = state_spec.encode(state_spec.state_spec(self))
+
     def load_own_variables(self, store):
         """Restores the state; refuses state saved with other sketch settings.
 
         Keras's base class warns and skips loading when the number of
         variables differs, which would silently drop trained state.
         """
-        saved = [store[str(i)] for i in range(len(store.keys()))]
+        keys = [k for k in store.keys() if k != state_spec.SPEC_KEY]
+        saved = [store[str(i)] for i in range(len(keys))]
         ours = self.variables
+        if state_spec.SPEC_KEY in store.keys():
+            error = state_spec.mismatch(
+                self.name, state_spec.decode(store[state_spec.SPEC_KEY]), state_spec.state_spec(self)
+            )
+            if error:
+                raise ValueError(error)
         if len(saved) != len(ours):
             raise ValueError(
                 f"Cannot load the state of optimizer {self.name!r}: it has {len(ours)} "
@@ -163,6 +196,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         self._layouts, self._slots, self._memory_rows = [], [], []
         for index, var in enumerate(var_list):
             self._build_variable_state(index, var)
+        self._track_state_spec()
 
     def _choose_layout(self, shape):
         """The 2-D view of a variable and whether it is sketched."""

@@ -1,0 +1,155 @@
+"""What the saved state of a keras_sketch optimizer looks like, and the checks
+that refuse to load state saved with other settings.
+
+Sketch state is only meaningful with the sketch settings it was built with:
+the bucket a row lands in depends on the width, the depth and the hash
+parameters, and which variables are sketched depends on ``min_rows``,
+``hash_axis`` and ``compression``.  Keras's own optimizers warn and skip the
+whole optimizer state when the number of variables differs (``.keras``), and
+TensorFlow checkpoints restore by list position, so a different layout gives
+either an obscure dtype/shape error or, worse, a partial restore.  Every
+keras_sketch optimizer therefore saves a *state spec* (its layout-relevant
+settings and the shape of every state variable) next to its variables:
+
+* in ``.keras`` / ``.weights.h5`` files as one extra entry of the optimizer's
+  store (``SPEC_KEY``), checked by ``CompressedStateMixin.load_own_variables``;
+* in ``tf.train.Checkpoint`` files (and the variables of a SavedModel) as a
+  ``PythonState`` dependency of the optimizer, which TensorFlow restores before
+  any variable, so the check runs first.
+
+Loading succeeds whenever every state variable has the saved shape and dtype
+(settings that change nothing, e.g. the seed, whose hash parameters are part
+of the restored state, are allowed to differ); otherwise a ``ValueError``
+names the settings that differ.
+"""
+
+import json
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+SPEC_KEY = "keras_sketch_state_spec"
+
+# Settings that never change the layout of the state.
+_LAYOUT_FREE = {
+    "name",
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+}
+
+
+def state_spec(optimizer):
+    """JSON-able description of ``optimizer``'s state layout."""
+    settings = {}
+    for key, value in optimizer.get_config().items():
+        if key in _LAYOUT_FREE:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        settings[key] = value
+    # A float learning rate is a state variable, a schedule or callable is not.
+    settings["learning_rate is a variable"] = any(
+        v is getattr(optimizer, "_learning_rate", None) for v in optimizer.variables
+    )
+    return {
+        "class": type(optimizer).__name__,
+        "settings": settings,
+        "model_variables": [
+            [v.path, [int(s) for s in v.shape]] for v in getattr(optimizer, "_trainable_variables", [])
+        ],
+        "state": [[v.path, [int(s) for s in v.shape], str(v.dtype)] for v in optimizer.variables],
+    }
+
+
+def mismatch(name, saved, ours):
+    """``None`` if state ``saved`` loads into ``ours``, else the error text."""
+    layout = lambda spec: [(tuple(s[1]), s[2]) for s in spec["state"]]  # noqa: E731
+    if layout(saved) == layout(ours):
+        return None
+    reasons = []
+    if saved.get("class") != ours["class"]:
+        reasons.append(f"class: saved {saved.get('class')}, this optimizer {ours['class']}")
+    s_set, o_set = saved.get("settings", {}), ours["settings"]
+    for key in sorted(set(s_set) | set(o_set)):
+        if s_set.get(key, "<absent>") != o_set.get(key, "<absent>"):
+            reasons.append(f"{key}: saved {s_set.get(key, '<absent>')!r}, this optimizer {o_set.get(key, '<absent>')!r}")
+    s_model = [tuple(v[1]) for v in saved.get("model_variables", [])]
+    o_model = [tuple(v[1]) for v in ours["model_variables"]]
+    if s_model != o_model:
+        reasons.append(
+            f"model variables: saved {len(s_model)} with shapes {s_model}, this optimizer "
+            f"{len(o_model)} with shapes {o_model}"
+        )
+    detail = _first_difference(saved["state"], ours["state"])
+    if not reasons:
+        reasons.append("the sketched variables or their sketch shapes")
+    return (
+        f"Cannot load the state of optimizer {name!r}: it was saved with other settings "
+        f"({'; '.join(reasons)}). {detail} Sketch state cannot be resized or re-hashed: "
+        "build the optimizer with the saved settings, or start its state afresh."
+    )
+
+
+def _first_difference(saved, ours):
+    for i, (s, o) in enumerate(zip(saved, ours)):
+        if (tuple(s[1]), s[2]) != (tuple(o[1]), o[2]):
+            return (
+                f"First differing state variable #{i}: saved {s[0]!r} {tuple(s[1])} {s[2]}, "
+                f"this optimizer {o[0]!r} {tuple(o[1])} {o[2]}."
+            )
+    return f"The saved state has {len(saved)} variables, this optimizer {len(ours)}."
+
+
+def encode(spec):
+    return np.frombuffer(json.dumps(spec).encode("utf-8"), np.uint8)
+
+
+def decode(array):
+    return json.loads(np.asarray(array).astype(np.uint8).tobytes().decode("utf-8"))
+
+
+class StateSpecCheck(tf.train.experimental.PythonState):
+    """Checkpoint dependency that saves the spec and checks it on restore.
+
+    TensorFlow restores ``PythonState`` objects eagerly, before the variables
+    of the same restore, so a mismatch raises this clear error instead of a
+    dtype/shape error of some ``_variables/N`` (or a silent partial restore).
+    """
+
+    def __init__(self, optimizer):
+        self._optimizer = weakref.ref(optimizer)
+
+    def serialize(self):
+        return json.dumps(state_spec(self._optimizer()))
+
+    def deserialize(self, string_value):
+        optimizer = self._optimizer()
+        if isinstance(string_value, bytes):
+            string_value = string_value.decode("utf-8")
+        error = mismatch(optimizer.name, json.loads(string_value), state_spec(optimizer))
+        if error:
+            raise ValueError(error)
+
+
+class SparseUnscale(tf.IndexedSlices):
+    """An ``IndexedSlices`` that Keras's ``apply`` can unscale with ``/``.
+
+    ``keras.optimizers.Optimizer.apply`` divides every gradient by
+    ``loss_scale_factor`` with ``g / scale``, which ``tf.IndexedSlices`` does
+    not support (TypeError).  Sparse gradients are wrapped in this class, whose
+    division returns a plain ``IndexedSlices`` with divided values: the rows
+    stay sparse.
+    """
+
+    def __truediv__(self, scale):
+        values = self.values / tf.cast(scale, self.values.dtype)
+        return tf.IndexedSlices(values, self.indices, self.dense_shape)
