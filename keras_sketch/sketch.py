@@ -203,7 +203,9 @@ class Sketch:
 
     # -- helpers -------------------------------------------------------------
     def _variable(self):
-        return self.table.value if isinstance(self.table, keras.Variable) else self.table
+        from keras_sketch.state import tf_variable  # the per-device component under tf.distribute
+
+        return tf_variable(self.table)
 
     def _tensor(self):
         return tf.convert_to_tensor(self._variable())

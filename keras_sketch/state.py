@@ -23,8 +23,18 @@ import tensorflow as tf
 
 
 def tf_variable(variable):
-    """The ``tf.Variable`` behind a ``keras.Variable`` (or the variable itself)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
+    """The ``tf.Variable`` behind a ``keras.Variable`` (or the variable itself).
+
+    Under ``tf.distribute`` (Mirrored, MultiWorkerMirrored) the optimizer's
+    state variables are distributed variables, which lack ``scatter_nd_*``;
+    inside ``strategy.extended.update`` (where Keras runs ``update_step`` once
+    per device) this returns the current device's component, which the
+    same update keeps in sync with the others.
+    """
+    variable = variable.value if isinstance(variable, keras.Variable) else variable
+    if hasattr(variable, "_get_on_device_or_primary"):
+        variable = variable._get_on_device_or_primary()
+    return variable
 
 
 class ExactState:

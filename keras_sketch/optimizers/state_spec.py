@@ -24,7 +24,6 @@ names the settings that differ.
 """
 
 import json
-import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -48,7 +47,9 @@ _LAYOUT_FREE = {
 def state_spec(optimizer):
     """JSON-able description of ``optimizer``'s state layout."""
     settings = {}
-    for key, value in optimizer.get_config().items():
+    with tf.init_scope():  # get_config reads variables; SavedModel saves in a graph
+        config = optimizer.get_config()
+    for key, value in config.items():
         if key in _LAYOUT_FREE:
             continue
         try:
@@ -126,16 +127,18 @@ class StateSpecCheck(tf.train.experimental.PythonState):
     """
 
     def __init__(self, optimizer):
-        self._optimizer = weakref.ref(optimizer)
+        # Computed once, after ``build()``: the layout is fixed from then on,
+        # and a SavedModel serializes in a graph where variables cannot be read.
+        self._name = optimizer.name
+        self._spec = state_spec(optimizer)
 
     def serialize(self):
-        return json.dumps(state_spec(self._optimizer()))
+        return json.dumps(self._spec)
 
     def deserialize(self, string_value):
-        optimizer = self._optimizer()
         if isinstance(string_value, bytes):
             string_value = string_value.decode("utf-8")
-        error = mismatch(optimizer.name, json.loads(string_value), state_spec(optimizer))
+        error = mismatch(self._name, json.loads(string_value), self._spec)
         if error:
             raise ValueError(error)
 
