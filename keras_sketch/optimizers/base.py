@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_sketch import fused as fused_op
 from keras_sketch import memory
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, Sketch, hash_params, sketch_width
 from keras_sketch.state import ExactState, Layout, Rows, StepState, merge_duplicates
@@ -138,6 +139,9 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         cleaning_factor, cleaning_interval: multiply count-min sketches by
             ``cleaning_factor`` every ``cleaning_interval`` steps (the paper's
             cleaning heuristic).  Off by default (``cleaning_interval=0``).
+        fused: ``None`` (default: the fused C++ op when its library loaded,
+            or as ``KERAS_SKETCH_FUSED`` says), ``True`` (require it) or
+            ``False`` (pure-TF path).  See ``keras_sketch/fused.py``.
     """
 
     # Number of full-size slots Keras's exact optimizer keeps per variable.
@@ -154,6 +158,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         seed=0,
         cleaning_factor=1.0,
         cleaning_interval=0,
+        fused=None,
         name=None,
         **kwargs,
     ):
@@ -171,6 +176,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         self.cleaning_factor = float(check_number("cleaning_factor", cleaning_factor, 0.0, 1.0))
         self.cleaning_interval = check_int("cleaning_interval", cleaning_interval, 0)
         self._warned_densify = set()
+        self.fused = fused_op.check_request(fused)
 
     # -- to be provided by subclasses ------------------------------------------
     def _slot_kinds(self):
@@ -257,14 +263,23 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         if isinstance(gradient, tf.IndexedSlices) and not layout.sparse_rows:
             self._warn_densify(variable)
             gradient = tf.convert_to_tensor(gradient)
+        # The fused C++ op (keras_sketch/fused.py) or the pure-TF math below.
+        fused, reason = fused_op.fused_reason(self, layout, variable)
+        fused_op.log_choice(self, variable, fused, reason)
         if isinstance(gradient, tf.IndexedSlices):
             ids, values = layout.sparse_view(gradient)
             ids, values, valid = merge_duplicates(ids, tf.cast(values, dtype))
+            if fused:
+                fused_op.apply_sparse(self, layout, slots, variable, ids, values, valid, lr, t)
+                return
             mask = tf.cast(valid, dtype)[:, None]
             delta = self._step(values, StepState(slots, Rows(ids, mask)), lr, t)
             layout.scatter_sub(variable, ids, mask * delta)
         else:
             g = layout.view(tf.cast(gradient, dtype))
+            if fused:
+                fused_op.apply_dense(self, layout, slots, variable, g, lr, t)
+                return
             delta = self._step(g, StepState(slots), lr, t)
             variable.assign_sub(layout.unview(delta))
 
@@ -305,6 +320,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "cleaning_factor": self.cleaning_factor,
                 "cleaning_interval": self.cleaning_interval,
+                "fused": self.fused,
             }
         )
         return config
