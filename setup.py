@@ -42,7 +42,12 @@ class BuildOps(build_ext):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
             if ext.name.endswith("_sketch_ops"):
-                self._build_cpu(target)
+                self._build_cpu(target, [])
+            elif ext.name.endswith("_sketch_ops_avx2"):
+                # Loaded instead of the baseline where the CPU has AVX2+FMA
+                # (runtime check in keras_sketch/fused.py); no contraction,
+                # so both compute the same roundings as the TF path.
+                self._build_cpu(target, ["-mavx2", "-mfma", "-ffp-contract=off"])
             else:
                 self._build_cuda(target)
         except Exception as error:  # noqa: BLE001 - optional component
@@ -51,10 +56,10 @@ class BuildOps(build_ext):
                 raise RuntimeError(message) from error
             print(message, file=sys.stderr)
 
-    def _build_cpu(self, target):
+    def _build_cpu(self, target, arch_flags):
         compile_flags, link_flags = _tf_flags()
         cxx = os.environ.get("CXX", "g++")
-        cmd = [cxx, "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC",
+        cmd = [cxx, "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", *arch_flags,
                "-Wno-deprecated-declarations", "-Icustom_ops", OPS, "-o", target]
         cmd += [f for f in compile_flags if not f.startswith("--std")] + link_flags
         print("keras_sketch: " + " ".join(cmd))
@@ -70,7 +75,8 @@ class BuildOps(build_ext):
 
 
 def _extensions():
-    exts = [Extension("keras_sketch._sketch_ops", sources=[OPS])]
+    exts = [Extension("keras_sketch._sketch_ops", sources=[OPS]),
+            Extension("keras_sketch._sketch_ops_avx2", sources=[OPS])]
     nvcc = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") or None)
     if os.environ.get("KERAS_SKETCH_BUILD_CUDA") == "1" and nvcc:
         exts.append(Extension("keras_sketch._sketch_cuda", sources=[CUDA]))

@@ -52,8 +52,23 @@ def library_path():
     path = os.environ.get(ENV_LIBRARY)
     if path:
         return path
-    found = sorted(glob.glob(os.path.join(_HERE, "_sketch_ops*.so")))
-    return found[0] if found else None
+    baseline = glob.glob(os.path.join(_HERE, "_sketch_ops.*so"))
+    avx2 = glob.glob(os.path.join(_HERE, "_sketch_ops_avx2.*so"))
+    if avx2 and _cpu_has("avx2", "fma"):
+        return avx2[0]
+    return baseline[0] if baseline else None
+
+
+def _cpu_has(*flags):
+    """Whether /proc/cpuinfo lists every flag (False where it cannot tell)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(flags) <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
 
 
 def load():

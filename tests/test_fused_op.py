@@ -394,3 +394,24 @@ def test_jit_compile_training_falls_back_to_tf_path(caplog):
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert "jit_compile=True" in caplog.text
     assert "uses the fused C++ op" not in caplog.text
+
+
+def test_baseline_library_without_avx2_agrees_too():
+    # setup.py builds a baseline (-O3 only) and an AVX2 library; the loader
+    # picks one per CPU.  The baseline must compute the same steps.
+    import glob
+    baseline = glob.glob(os.path.join(ROOT, "keras_sketch", "_sketch_ops.*so"))
+    assert baseline, "the baseline op library was not built"
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from tests.test_fused_op import _assert_paths_agree\n"
+        "from keras_sketch import fused\n"
+        "assert fused.library_path() == %r\n"
+        "_assert_paths_agree('adam', (300, 33), False, depth=1, min_rows=1)\n"
+        "_assert_paths_agree('rmsprop_m_sketch', (300, 33), True, depth=3, min_rows=1)\n"
+        "print('OK')\n" % (ROOT, baseline[0])
+    )
+    env = dict(os.environ, KERAS_SKETCH_OPS_LIBRARY=baseline[0], TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
