@@ -295,3 +295,28 @@ extern "C" int ks_sparse_apply(const ks_problem* problem, const float* grad, con
     default: return Sparse<kRMSprop>(a, grad, ids, valid, k, ws, st);
   }
 }
+
+extern "C" int ks_device_count(int* count) { return static_cast<int>(cudaGetDeviceCount(count)); }
+extern "C" int ks_malloc(void** ptr, size_t bytes) { return static_cast<int>(cudaMalloc(ptr, bytes)); }
+extern "C" int ks_free(void* ptr) { return static_cast<int>(cudaFree(ptr)); }
+extern "C" int ks_memcpy_to_device(void* dst, const void* src, size_t bytes) {
+  return static_cast<int>(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+extern "C" int ks_memcpy_to_host(void* dst, const void* src, size_t bytes) {
+  return static_cast<int>(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+extern "C" int ks_synchronize(void) { return static_cast<int>(cudaDeviceSynchronize()); }
+extern "C" int ks_time_dense(const ks_problem* problem, const float* grad, int iters, float* ms) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  cudaEventRecord(start, 0);
+  int rc = 0;
+  for (int i = 0; i < iters && rc == 0; ++i) rc = ks_dense_apply(problem, grad, nullptr);
+  cudaEventRecord(stop, 0);
+  cudaEventSynchronize(stop);
+  cudaEventElapsedTime(ms, start, stop);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return rc;
+}

@@ -50,6 +50,17 @@ size_t ks_sparse_workspace_bytes(const ks_problem* problem, int64_t k);
 int ks_sparse_apply(const ks_problem* problem, const float* grad, const int64_t* ids,
                     const uint8_t* valid, int64_t k, void* workspace, void* stream);
 
+/* Small cudart helpers so a harness needs nothing but ctypes (the library
+ * links the CUDA runtime statically). */
+int ks_device_count(int* count);
+int ks_malloc(void** ptr, size_t bytes);
+int ks_free(void* ptr);
+int ks_memcpy_to_device(void* dst, const void* src, size_t bytes);
+int ks_memcpy_to_host(void* dst, const void* src, size_t bytes);
+int ks_synchronize(void);
+/* Milliseconds of `iters` dense steps, timed with CUDA events. */
+int ks_time_dense(const ks_problem* problem, const float* grad, int iters, float* ms);
+
 #ifdef __cplusplus
 }
 #endif
