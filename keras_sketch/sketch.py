@@ -23,9 +23,10 @@ optimizer state.  When ``width >= rows`` the sketch is the identity map
 import math
 import zlib
 
-import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_sketch.state import tf_variable
 
 PRIME = 2**31 - 1
 COUNT_SKETCH = "count_sketch"
@@ -203,9 +204,7 @@ class Sketch:
 
     # -- helpers -------------------------------------------------------------
     def _variable(self):
-        from keras_sketch.state import tf_variable  # the per-device component under tf.distribute
-
-        return tf_variable(self.table)
+        return tf_variable(self.table)  # the per-device component under tf.distribute
 
     def _tensor(self):
         return tf.convert_to_tensor(self._variable())

@@ -209,9 +209,11 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         layout = Layout(shape)
         if len(shape) < 2:
             return layout, False
-        if self.hash_axis == "last" or (self.hash_axis == "auto" and layout.dim > layout.rows):
-            layout = Layout(shape, transpose=True)
-        return layout, layout.rows >= max(self.min_rows, 1)
+        transpose = self.hash_axis == "last" or (self.hash_axis == "auto" and layout.dim > layout.rows)
+        hashed = Layout(shape, transpose=True) if transpose else layout
+        if hashed.rows >= max(self.min_rows, 1):
+            return hashed, True
+        return layout, False  # exact state keeps the untransposed view: sparse rows stay sparse
 
     def _sketch_shape(self, rows):
         width = self.width or sketch_width(rows, self.depth, self.compression)
