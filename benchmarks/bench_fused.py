@@ -146,6 +146,24 @@ def table(dense, sparse, n, rows, dim, k):
     return "\n".join(lines)
 
 
+def targets(dense, sparse):
+    """The issue's targets, met or missed, from this run's ratios."""
+    rows = [
+        ("default CSAdam >= 2x faster than keras Adam (jit)",
+         dense["keras Adam (jit)"] / dense["fused CSAdam (default)"], 2.0),
+        ("CSAdam(beta_1=0) within 1.5x of keras SGD (jit)",
+         dense["keras SGD (jit)"] / dense["fused CSAdam (beta_1=0)"], 1 / 1.5),
+        ("sparse CSAdam >= 30x faster than keras Adam",
+         sparse["keras Adam"] / sparse["fused CSAdam (default)"], 30.0),
+        ("sparse CSAdam within 1.5x of exact lazy Adam",
+         sparse["exact lazy Adam (TF scatter)"] / sparse["fused CSAdam (default)"], 1 / 1.5),
+    ]
+    out = ["| target | measured speed ratio | needed | met |", "|---|---:|---:|---|"]
+    for name, ratio, need in rows:
+        out.append(f"| {name} | {ratio:.2f}x | {need:.2f}x | {'yes' if ratio >= need else 'NO'} |")
+    return out
+
+
 def write_results_md(text, meta):
     path = os.path.join(HERE, "RESULTS.md")
     section = "\n".join([
@@ -158,8 +176,19 @@ def write_results_md(text, meta):
         "",
         text,
         "",
-        "Ratios > 1 mean the row is faster than the baseline; see docs/fused_op.md for what the "
-        "targets are and why (bytes moved) they are or are not met.",
+        "Ratios > 1 mean the row is faster than the baseline.",
+        "",
+        *targets(meta["dense"], meta["sparse"]),
+        "",
+        "Why (bytes moved per dense step of 16.8M float32, 64 MiB each): keras SGD reads g and w "
+        "and writes w (3 x 64 MiB); Adam adds m and v (7 x 64 MiB); fused CSAdam(beta_1=0) moves "
+        "the same 3 x 64 MiB as SGD plus a 13 MiB sketch that stays in the L3 cache, and default CSAdam "
+        "keeps an exact m (5 x 64 MiB). So the best possible default-CSAdam gain over XLA Adam is "
+        "7/5 = 1.4x, below the 2x target by construction; the fused kernels are compute-bound on "
+        "this 2-core Xeon VM, shared with other jobs while measured (per-element sqrt and division, query, bucket add, AVX2 at most since "
+        "the shipped build may not assume AVX-512) while XLA's SGD is a pure stream. The sparse "
+        "step pays merge_duplicates (argsort, segment sums: several TF kernels) before the op; "
+        "the lazy baseline uses one tf.unique. See docs/fused_op.md.",
         END,
     ])
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
@@ -176,7 +205,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rewrite the RESULTS.md section from results/bench_fused.json")
     args = parser.parse_args()
+    if args.from_json:
+        with open(os.path.join(HERE, "results", "bench_fused.json")) as f:
+            saved = json.load(f)
+        n = saved["sizes"]["dense"][0]
+        rows, dim, k = saved["sizes"]["sparse"]
+        meta = dict(saved["meta"], dense=saved["dense_seconds"], sparse=saved["sparse_seconds"])
+        write_results_md(table(meta["dense"], meta["sparse"], n, rows, dim, k), meta)
+        return
     if not fused.available():
         sys.exit(f"fused op unavailable: {fused.unavailable_reason()}")
     n, rows, dim, k = (512, 20000, 64, 512) if args.quick else (4096, 1_000_000, 64, 4096)
@@ -191,10 +230,13 @@ def main():
         "python": platform.python_version(), "library": os.path.basename(fused.library_path()),
         "command": "python " + " ".join(["benchmarks/bench_fused.py"] + sys.argv[1:]),
     }
+    meta.update(dense=dense, sparse=sparse)
+    print("\n".join(targets(dense, sparse)))
     if not args.no_write and not args.quick:
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         with open(os.path.join(HERE, "results", "bench_fused.json"), "w") as f:
-            json.dump({"meta": meta, "dense_seconds": dense, "sparse_seconds": sparse,
+            json.dump({"meta": {k: v for k, v in meta.items() if k not in ("dense", "sparse")},
+                       "dense_seconds": dense, "sparse_seconds": sparse,
                        "sizes": {"dense": [n, n], "sparse": [rows, dim, k]}}, f, indent=2)
         write_results_md(text, meta)
 
