@@ -5,5 +5,6 @@ from keras_sketch.optimizers.adam import CSAdam
 from keras_sketch.optimizers.base import SketchOptimizer
 from keras_sketch.optimizers.momentum import CSMomentum
 from keras_sketch.optimizers.rmsprop import CSRMSprop
+from keras_sketch.optimizers.sm3 import SM3
 
-__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "SketchOptimizer"]
+__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "SM3", "SketchOptimizer"]
