@@ -146,13 +146,19 @@ CASES = [
 ]
 
 
+# Both step paths are checked against the reference: the pure-TF math and the
+# fused C++ op (tests/test_fused_op.py checks the op is the one used).
+PATHS = [pytest.param(False, id="tf"), pytest.param(None, id="default")]
+
+
 @pytest.mark.parametrize("algorithm,extra", CASES)
 @pytest.mark.parametrize("depth", [1, 3])
-def test_optimizer_matches_numpy_reference(algorithm, extra, depth):
+@pytest.mark.parametrize("fused", PATHS)
+def test_optimizer_matches_numpy_reference(algorithm, extra, depth, fused):
     rng = np.random.default_rng(3)
     x0 = rng.normal(size=(ROWS, DIM)).astype(np.float32)
     var = keras.Variable(x0)
-    opt = make(algorithm, depth=depth, compression=0.2, min_rows=10, **extra)
+    opt = make(algorithm, depth=depth, compression=0.2, min_rows=10, fused=fused, **extra)
     opt.build([var])
     sketch = next(s for s in opt._slots[0].values() if s.kind != "exact")
     hp = {**HP[algorithm], **extra}
@@ -189,11 +195,12 @@ OURS = {
 
 @pytest.mark.parametrize("name", sorted(KERAS))
 @pytest.mark.parametrize("path", ["dense", "sparse"])
-def test_lossless_configuration_reproduces_keras(name, path):
+@pytest.mark.parametrize("fused", PATHS)
+def test_lossless_configuration_reproduces_keras(name, path, fused):
     rng = np.random.default_rng(4)
     x0 = rng.normal(size=(ROWS, DIM)).astype(np.float32)
     ours_var, keras_var = keras.Variable(x0), keras.Variable(x0)
-    ours = OURS[name](depth=1, width=ROWS, min_rows=1)
+    ours = OURS[name](depth=1, width=ROWS, min_rows=1, fused=fused)
     reference = KERAS[name]()
     for _ in range(20):
         g = rng.normal(size=(ROWS, DIM)).astype(np.float32)
