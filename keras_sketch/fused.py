@@ -33,10 +33,7 @@ import logging
 import os
 
 import tensorflow as tf
-from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
-
-from keras_sketch.state import tf_variable
+from keras_sketch.state import in_xla_context, tf_variable
 
 log = logging.getLogger("keras_sketch")
 
@@ -123,11 +120,6 @@ def check_request(fused):
             f"keras_sketch: {source} asks for the fused op, but {unavailable_reason()}."
         )
     return fused
-
-
-def in_xla_context():
-    """Whether ops built now are compiled by XLA (``jit_compile=True``)."""
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
 def _optimizer_kind(optimizer):

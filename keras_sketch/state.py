@@ -20,6 +20,13 @@ gradient, and is decided here once for all optimizers:
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+
+
+def in_xla_context():
+    """Whether the op being traced will be compiled by XLA (``jit_compile``)."""
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
 def tf_variable(variable):
@@ -76,8 +83,9 @@ class ExactState:
 class Rows:
     """A merged batch of unique rows of a variable's ``[rows, dim]`` view.
 
-    ``ids`` has a static length; entries past the number of unique rows are
-    padding (``mask`` 0, id 0) so the sparse path keeps static shapes.
+    Under XLA ``ids`` keeps the batch's static length and entries past the
+    number of unique rows are padding (``mask`` 0, id 0); see
+    ``merge_duplicates``.
     """
 
     def __init__(self, ids, mask):
@@ -86,13 +94,20 @@ class Rows:
 
 
 def merge_duplicates(ids, values):
-    """Sums the values of repeated ids, with static shapes (XLA/TPU friendly).
+    """Sums the values of repeated ids.
 
-    Returns ``(unique_ids, summed_values, valid)``, each of length ``k``: the
-    first ``n_unique`` entries are the unique ids in ascending order, the rest
-    are padding with id 0, zero values and ``valid`` False.
+    Returns ``(unique_ids, summed_values, valid)``.  Outside XLA this is
+    ``tf.unique`` (length = number of unique ids, all valid).  Under XLA
+    (``jit_compile``, TPUs) shapes stay static: each output has the input's
+    length ``k``, the first ``n_unique`` entries are the unique ids in
+    ascending order, the rest padding with id 0, zero values and ``valid``
+    False.
     """
     ids = tf.cast(ids, tf.int64)
+    if not in_xla_context():
+        unique, position = tf.unique(ids)
+        summed = tf.math.unsorted_segment_sum(values, position, tf.shape(unique)[0])
+        return unique, summed, tf.ones_like(unique, dtype=tf.bool)
     k = tf.shape(ids)[0]
     order = tf.argsort(ids, stable=True)
     ids = tf.gather(ids, order)

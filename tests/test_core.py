@@ -373,3 +373,19 @@ def test_non_numeric_and_non_float_variables_raise_type_errors():
         ks.CSAdagrad(depth=2.5)
     with pytest.raises(TypeError, match="floating-point"):
         ks.CSMomentum().build([keras.Variable(np.zeros((3, 3), np.int32), trainable=False)])
+
+
+def test_merge_duplicates_same_result_eager_and_under_xla():
+    from keras_sketch.state import merge_duplicates
+
+    ids = tf.constant([9, 2, 9, 4, 2, 9], tf.int64)
+    values = tf.constant(np.arange(12, dtype=np.float32).reshape(6, 2))
+    u, s, valid = merge_duplicates(ids, values)
+    assert valid.numpy().all() and sorted(u.numpy().tolist()) == [2, 4, 9]
+    eager = dict(zip(u.numpy().tolist(), s.numpy().tolist()))
+
+    xu, xs, xvalid = tf.function(merge_duplicates, jit_compile=True)(ids, values)
+    assert xu.shape[0] == 6 and xvalid.numpy().tolist() == [True] * 3 + [False] * 3
+    assert xu.numpy()[:3].tolist() == [2, 4, 9] and np.all(xs.numpy()[3:] == 0)
+    assert dict(zip(xu.numpy()[:3].tolist(), xs.numpy()[:3].tolist())) == eager
+    assert eager == {9: [0 + 4 + 10, 1 + 5 + 11], 2: [2 + 8, 3 + 9], 4: [6, 7]}
