@@ -321,12 +321,14 @@ class Shadow:
         return path
 
 
-def error_metrics(est, exact, top_k=100, rtol=1e-5):
+def error_metrics(est, exact, top_k=100, rtol=1e-5, epsilon=1e-7):
     """Relative l2 error (all entries and the ``top_k`` largest exact ones),
     over-/under-estimation rates (beyond ``rtol * max|exact|``), and the
-    effective step-size ratio ``sqrt(exact / est)`` (10/50/90th percentiles
-    over entries with ``exact > 0``: < 1 means the compressed optimizer
-    steps shorter than AdaGrad would)."""
+    effective step-size ratio ``sqrt((exact + eps) / (max(est, 0) + eps))``
+    (AdaGrad's ``g / sqrt(v + eps)`` with the estimate in place of ``v``,
+    negative estimates clamped as an optimizer must; 10/50/90th percentiles
+    over entries with ``exact > 0``: < 1 means the compressed optimizer steps
+    shorter than AdaGrad would)."""
     est, exact = np.asarray(est, np.float64), np.asarray(exact, np.float64)
     norm = np.linalg.norm(exact)
     tol = rtol * (np.max(np.abs(exact)) if exact.size else 0.0)
@@ -334,7 +336,7 @@ def error_metrics(est, exact, top_k=100, rtol=1e-5):
     top = np.argpartition(-exact, k - 1)[:k] if k else np.zeros(0, int)
     top_norm = np.linalg.norm(exact[top])
     pos = exact > 0
-    ratio = np.sqrt(exact[pos] / np.maximum(est[pos], 1e-30))
+    ratio = np.sqrt((exact[pos] + epsilon) / (np.maximum(est[pos], 0.0) + epsilon))
     q = np.percentile(ratio, [10, 50, 90]) if ratio.size else [math.nan] * 3
     return {
         "rel_l2": float(np.linalg.norm(est - exact) / norm) if norm > 0 else float(np.linalg.norm(est)),

@@ -125,6 +125,7 @@ def test_error_metrics_values():
     assert m["topk_rel_l2"] == 0.0  # the two largest (9, 4) are exact
     assert m["over_rate"] == 0.25 and m["under_rate"] == 0.0
     assert m["step_ratio_p50"] == pytest.approx(1.0)
+    assert dg.error_metrics(np.array([1e-7]), np.array([3e-7]))["step_ratio_p50"] == pytest.approx(np.sqrt(2))
     m = dg.error_metrics(np.array([1.0, 1.0, 0.0, -9.0]), exact, top_k=1)
     assert m["topk_rel_l2"] == pytest.approx(2.0) and m["under_rate"] == 0.5 and m["negative_rate"] == 0.25
     with pytest.raises(ValueError, match="kind"):
