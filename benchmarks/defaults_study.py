@@ -51,7 +51,8 @@ CONFIGS = {
                dict(beta_1=0.0, compression=0.6)),
     "b0_emb_only": ("CSAdam beta_1=0, only the embedding sketched", dict(beta_1=0.0, hash_axis="first")),
 }
-GRID = [1e-3, 2e-3, 4e-3, 8e-3]
+GRID = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
+START = (8e-3, 1.6e-2)  # the walk starts here (Adam's best rates in a first pass at 2 epochs)
 
 
 def make_factory(spec, lr, clipnorm):
@@ -66,9 +67,9 @@ def make_factory(spec, lr, clipnorm):
     return lambda: keras_sketch.CSAdam(lr, clipnorm=clipnorm, **spec)
 
 
-def adaptive_rates(ppl_of, grid):
-    """Runs the middle two rates, then walks toward the better side."""
-    i, j = len(grid) // 2 - 1, len(grid) // 2
+def adaptive_rates(ppl_of, grid, start):
+    """Runs the two ``start`` rates (neighbours in ``grid``), then walks toward the better side."""
+    i, j = grid.index(start[0]), grid.index(start[1])
     res = {grid[i]: ppl_of(grid[i]), grid[j]: ppl_of(grid[j])}
     step = 1 if res[grid[j]] < res[grid[i]] else -1
     k = j if step == 1 else i
@@ -157,7 +158,7 @@ def report(results):
         "",
         f"Data: {results.get('data', '')}. Model: Embedding {s['embed']} -> LSTM {s['hidden']} -> Dense(vocab); "
         f"batch {s['batch']}, BPTT {s['bptt']}, clipnorm {s['clipnorm']}, {s['epochs']} epoch(s), seed {s['seed']}. "
-        f"Learning-rate grid {s['grid']} (walked adaptively, see the script); best test perplexity per row. "
+        f"Learning-rate grid {s['grid']} (walked adaptively from {s.get('start', '')}, see the script); best test perplexity per row. "
         "Ratios are against keras Adam's best in the same run (no-1st-moment rows also against Adam beta_1=0).",
         "",
         "| configuration | state bytes | state / Adam | best lr | test ppl at each lr | best test ppl | vs Adam | "
@@ -219,6 +220,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--full-grid", action="store_true")
     p.add_argument("--grid", default=",".join(str(g) for g in GRID))
+    p.add_argument("--start", default=",".join(str(g) for g in START))
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     p.add_argument("--report-only", action="store_true")
@@ -227,14 +229,18 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.max_train_tokens, a.max_test_tokens, a.vocab, a.embed, a.hidden, a.epochs = 6000, 3000, 500, 16, 16, 1
-        a.configs, a.grid = "adam,default", "2e-3,4e-3"
+        a.configs, a.grid, a.start = "adam,default", "2e-3,4e-3", "2e-3,4e-3"
     grid = [float(g) for g in a.grid.split(",")]
+    start = tuple(float(g) for g in a.start.split(","))
     settings = dict(epochs=a.epochs, max_train_tokens=a.max_train_tokens, max_test_tokens=a.max_test_tokens,
                     vocab=a.vocab, embed=a.embed, hidden=a.hidden, batch=a.batch, bptt=a.bptt, clipnorm=a.clipnorm,
-                    seed=a.seed, grid=grid)
+                    seed=a.seed)
     results = common.load_json(a.out, {})
-    if results.get("settings") != settings:
+    stored = {k: v for k, v in results.get("settings", {}).items() if k not in ("grid", "start")}
+    if stored != settings:  # runs are keyed by learning rate: a new grid or start reuses them
         results = {"settings": settings, "runs": {}}
+    results["settings"]["grid"] = grid
+    results["settings"]["start"] = list(start)
     results["command"] = "python benchmarks/defaults_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not a.report_only:
         common.quiet_tf()
@@ -265,7 +271,7 @@ def main(argv=None):
                 for lr in grid:
                     ppl_of(lr)
             else:
-                adaptive_rates(ppl_of, grid)
+                adaptive_rates(ppl_of, grid, start)
     text = report(results)
     print(text)
     if not a.no_markdown:

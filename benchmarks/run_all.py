@@ -1,0 +1,463 @@
+"""The benchmark suite: memory, quality and speed of the sketched optimizers.
+
+    python benchmarks/run_all.py            # full run (~25 min on 2 shared cores, quality reuses the defaults study)
+    python benchmarks/run_all.py --quick    # everything tiny, 1-2 minutes (run by tests/test_benchmarks_quick.py)
+    python benchmarks/run_all.py --sections memory,speed
+
+Writes benchmarks/results/{memory,quality,speed}.json (``--quick``: *_quick.json),
+plots under benchmarks/results/plots/, and the ``run_all`` section of
+benchmarks/RESULTS.md (not in ``--quick`` mode unless ``--markdown``).
+
+* Memory: optimizer-state bytes of the paper's WikiText-2 model (Table 4:
+  vocabulary 33,278, embedding 672, 2 x LSTM 672, full softmax) for every
+  optimizer, as a ratio to Keras Adam, at compression 0.2 and 0.05 -- read from
+  the optimizers' memory reports after ``build`` (no training needed) -- and the
+  peak resident memory (ru_maxrss) of a process that trains that model for a
+  few steps with each optimizer.
+* Quality: test perplexity after the same number of steps (the defaults
+  study's LM: WikiText-2 validation split for training, test split for the
+  perplexity; see docs/benchmarks.md) for Adam, CSAdam-V, CSAdam-MV, SM3 and
+  Adafactor at compression 0.2 and 0.05; every optimizer gets the same
+  learning-rate grid and reports its best; ratio to Adam, against the issue's
+  targets.
+* Speed: step time of one optimizer update on a sparse 1M x 64 embedding
+  (4096 Zipf ids per step) and on a dense 4096 x 4096 kernel, inside a
+  tf.function, median over repeats, ratio to Keras Adam in the same run; the
+  sketched optimizers with the fused op (when it loaded) and with the pure-TF
+  path (``fused=False``).
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+PLOTS = common.RESULTS_DIR / "plots"
+PAPER_LM = dict(vocab=33278, embed=672, hidden=672, layers=2, batch=20, bptt=35)
+QUICK_LM = dict(vocab=2000, embed=32, hidden=32, layers=1, batch=8, bptt=10)
+
+
+# --------------------------------------------------------------------------- optimizers
+def optimizer_specs(compression):
+    """name -> factory(lr) for the memory table (lr irrelevant there)."""
+    import keras
+
+    import keras_sketch
+
+    c = dict(compression=compression)
+    specs = {
+        "Adam (keras)": lambda lr: keras.optimizers.Adam(lr),
+        "CSAdam-MV (sketched m and v)": lambda lr: keras_sketch.CSAdam(lr, first_moment="sketch", **c),
+        "CSAdam-V (exact m, sketched v; default)": lambda lr: keras_sketch.CSAdam(lr, **c),
+        "CSAdam no 1st moment (beta_1=0)": lambda lr: keras_sketch.CSAdam(lr, beta_1=0.0, **c),
+        "CSAdagrad": lambda lr: keras_sketch.CSAdagrad(lr, **c),
+        "CSRMSprop": lambda lr: keras_sketch.CSRMSprop(lr, **c),
+    }
+    if hasattr(keras_sketch, "SM3"):
+        specs["SM3 (momentum 0.9)"] = lambda lr: keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999)
+        specs["SM3 (no momentum)"] = lambda lr: keras_sketch.SM3(lr)
+    specs["Adafactor (keras)"] = lambda lr: keras.optimizers.Adafactor(lr)
+    return specs
+
+
+# --------------------------------------------------------------------------- memory
+def memory_section(quick):
+    import keras
+
+    from lm_data import build_lm
+
+    size = QUICK_LM if quick else PAPER_LM
+    min_rows = 256 if quick else 4096
+    out = {"model": size, "min_rows": min_rows, "state": {}, "peak_rss": {}}
+    keras.utils.set_random_seed(0)
+    model = build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], steps=size["bptt"])
+    params = sum(int(v.numpy().size) for v in model.trainable_variables)
+    out["parameters"] = params
+    for compression in (0.2, 0.05):
+        rows = {}
+        for name, make in optimizer_specs(compression).items():
+            opt = make(1e-3)
+            if hasattr(opt, "min_rows"):
+                opt.min_rows = min_rows
+            opt.build(model.trainable_variables)
+            rows[name] = common.state_bytes(opt)
+        out["state"][str(compression)] = rows
+        base = rows["Adam (keras)"]
+        for name, b in rows.items():
+            print(f"memory c={compression:<5} {name:<42} {b:>14,} B  {b / base:6.3f} x Adam", flush=True)
+    # Peak resident memory of a short training run, one fresh process per optimizer.
+    steps = 2 if quick else 4
+    names = list(optimizer_specs(0.2))
+    for name in names[:2] if quick else names:  # --quick: Adam and CSAdam-MV only
+        cmd = [sys.executable, __file__, "--peak-child", name, "--peak-steps", str(steps)] + (["--quick"] if quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK_RSS_KB")]
+        if proc.returncode or not line:
+            print(f"peak-rss {name}: child failed:\n{proc.stderr[-2000:]}", flush=True)
+            out["peak_rss"][name] = None
+            continue
+        kb, seconds = line[-1].split()[1:3]
+        out["peak_rss"][name] = {"bytes": int(kb) * 1024, "seconds": float(seconds)}
+        print(f"peak-rss {name:<42} {int(kb) / 1024:9.1f} MiB", flush=True)
+    out["peak_rss_steps"] = steps
+    return out
+
+
+def peak_child(name, steps, quick):
+    """Trains the memory model for ``steps`` steps; prints the peak RSS."""
+    import numpy as np
+    import keras
+
+    from lm_data import build_lm, lm_loss
+
+    common.quiet_tf()
+    size = QUICK_LM if quick else PAPER_LM
+    keras.utils.set_random_seed(0)
+    model = build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], dropout=0.5,
+                     steps=size["bptt"])
+    opt = optimizer_specs(0.2)[name](1e-3)
+    if hasattr(opt, "min_rows") and quick:
+        opt.min_rows = 256
+    model.compile(optimizer=opt, loss=lm_loss())
+    rng = np.random.default_rng(0)
+    n = size["batch"] * steps
+    x = rng.integers(0, size["vocab"], (n, size["bptt"])).astype("int32")
+    y = rng.integers(0, size["vocab"], (n, size["bptt"])).astype("int32")
+    t0 = time.perf_counter()
+    model.fit(x, y, batch_size=size["batch"], epochs=1, verbose=0, shuffle=False)
+    seconds = time.perf_counter() - t0
+    print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {seconds:.2f}", flush=True)
+
+
+# --------------------------------------------------------------------------- quality
+QUALITY_CONFIGS = {
+    # name: (compression or None, factory kind)
+    "Adam (keras)": (None, "adam"),
+    "CSAdam-V c=0.2": (0.2, "v"),
+    "CSAdam-MV c=0.2": (0.2, "mv"),
+    "CSAdam-V c=0.05": (0.05, "v"),
+    "CSAdam-MV c=0.05": (0.05, "mv"),
+    "SM3 (momentum 0.9, beta_2 0.999)": (None, "sm3"),
+    "Adafactor (keras)": (None, "adafactor"),
+}
+TARGETS = {"CSAdam-V c=0.2": 1.01, "CSAdam-MV c=0.2": 1.02, "CSAdam-V c=0.05": 1.05, "CSAdam-MV c=0.05": 1.05}
+# Runs of benchmarks/defaults_study.py at the same settings are the same runs.
+FROM_STUDY = {"Adam (keras)": "adam", "CSAdam-V c=0.2": "default", "CSAdam-MV c=0.2": "cs_mv"}
+
+
+def quality_factory(kind, compression, lr, clipnorm):
+    import keras
+
+    import keras_sketch
+
+    if kind == "adam":
+        return lambda: keras.optimizers.Adam(lr, clipnorm=clipnorm)
+    if kind == "adafactor":
+        return lambda: keras.optimizers.Adafactor(lr, clipnorm=clipnorm)
+    if kind == "sm3":
+        return lambda: keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999, clipnorm=clipnorm)
+    extra = {"first_moment": "sketch"} if kind == "mv" else {}
+    return lambda: keras_sketch.CSAdam(lr, compression=compression, clipnorm=clipnorm, **extra)
+
+
+def quality_section(quick, out_path):
+    import defaults_study
+
+    if quick:
+        s = dict(epochs=1, max_train_tokens=6000, max_test_tokens=3000, vocab=500, embed=16, hidden=16, batch=32,
+                 bptt=35, clipnorm=1.0, seed=0)
+        grid, start, configs = [2e-3, 4e-3], (2e-3, 4e-3), ["Adam (keras)", "CSAdam-MV c=0.05"]
+    else:
+        s = dict(epochs=2, max_train_tokens=120_000, max_test_tokens=60_000, vocab=10_000, embed=128, hidden=128,
+                 batch=32, bptt=35, clipnorm=1.0, seed=0)
+        grid, start, configs = defaults_study.GRID, defaults_study.START, list(QUALITY_CONFIGS)
+    if quick:
+        s["min_rows"] = 256
+    results = common.load_json(out_path, {})
+    if results.get("settings") != s:
+        results = {"settings": s, "runs": {}}
+    results["grid"], results["start"] = grid, list(start)
+    study = common.load_json(common.RESULTS_DIR / "defaults_study.json", {})
+    study_settings = {k: v for k, v in study.get("settings", {}).items() if k not in ("grid", "start")}
+    data = common.lm_data(s["max_train_tokens"], s["max_test_tokens"], s["vocab"], s["batch"], s["bptt"])
+    results["data"] = data["desc"]
+    for name in configs:
+        compression, kind = QUALITY_CONFIGS[name]
+        runs = results["runs"].setdefault(name, {})
+        if not quick and study_settings == s and name in FROM_STUDY:
+            for lr, r in study.get("runs", {}).get(FROM_STUDY[name], {}).items():
+                runs.setdefault(lr, dict(r, source="defaults_study"))
+
+        def ppl_of(lr, name=name, kind=kind, compression=compression, runs=runs):
+            key = repr(lr)
+            if key not in runs:
+                make = quality_factory(kind, compression, lr, s["clipnorm"])
+                if quick and kind in ("v", "mv"):
+                    inner = make
+                    make = lambda inner=inner: _with_min_rows(inner(), s["min_rows"])  # noqa: E731
+                runs[key] = common.train_lm(make, data, s["embed"], s["hidden"], batch=s["batch"], bptt=s["bptt"],
+                                            epochs=s["epochs"], seed=s["seed"])
+                common.save_json(out_path, results)
+            r = runs[key]
+            print(f"quality {name:<34} lr {lr:<7g} test ppl {r['test_ppl']:8.1f}  state {r['state_bytes']:>11,} B",
+                  flush=True)
+            return r["test_ppl"]
+
+        defaults_study.adaptive_rates(ppl_of, grid, start)
+    common.save_json(out_path, results)
+    return results
+
+
+def _with_min_rows(opt, min_rows):
+    opt.min_rows = min_rows
+    return opt
+
+
+def best_run(runs):
+    lr = min(runs, key=lambda k: runs[k]["test_ppl"])
+    return float(lr), runs[lr]
+
+
+# --------------------------------------------------------------------------- speed
+def speed_section(quick, repeats):
+    import numpy as np
+    import keras
+    import tensorflow as tf
+
+    import keras_sketch
+    from keras_sketch import fused as fused_mod
+
+    fused_ok = fused_mod.load() is not None
+    rows, dim, k, n = (100_000, 16, 512, 512) if quick else (1_000_000, 64, 4096, 4096)
+    min_rows = 256 if quick else 4096
+    cs = {
+        "CSAdam-V (default)": lambda f: keras_sketch.CSAdam(fused=f, min_rows=min_rows),
+        "CSAdam-MV": lambda f: keras_sketch.CSAdam(first_moment="sketch", fused=f, min_rows=min_rows),
+        "CSAdam beta_1=0": lambda f: keras_sketch.CSAdam(beta_1=0.0, fused=f, min_rows=min_rows),
+        "CSAdagrad": lambda f: keras_sketch.CSAdagrad(fused=f, min_rows=min_rows),
+        "CSRMSprop": lambda f: keras_sketch.CSRMSprop(fused=f, min_rows=min_rows),
+    }
+    cases = {"Adam (keras)": lambda: keras.optimizers.Adam()}
+    for name, make in cs.items():
+        if fused_ok:
+            cases[f"{name}, fused op"] = lambda make=make: make(True)
+        cases[f"{name}, pure TF"] = lambda make=make: make(False)
+    if hasattr(keras_sketch, "SM3"):
+        cases["SM3"] = lambda: keras_sketch.SM3()
+    cases["Adafactor (keras)"] = lambda: keras.optimizers.Adafactor()
+
+    rng = np.random.default_rng(0)
+    ids = ((rng.zipf(1.2, size=k) - 1) % rows).astype("int64")
+    sparse_grad = tf.IndexedSlices(tf.constant(rng.normal(size=(k, dim)).astype("float32")), tf.constant(ids),
+                                   tf.constant([rows, dim], tf.int64))
+    sparse_init = (rng.normal(size=(rows, dim)) * 0.01).astype("float32")
+    dense_grad = tf.constant(rng.normal(size=(n, n)).astype("float32"))
+    dense_init = (rng.normal(size=(n, n)) * 0.01).astype("float32")
+    out = {"sparse": {}, "dense": {}, "fused_op_loaded": fused_ok, "repeats": repeats,
+           "sparse_case": f"{rows} x {dim} embedding, {k} Zipf(1.2) ids/step ({len(np.unique(ids))} unique)",
+           "dense_case": f"{n} x {n} kernel"}
+    for case, init, grad in (("sparse", sparse_init, sparse_grad), ("dense", dense_init, dense_grad)):
+        for name, make in cases.items():
+            var = keras.Variable(init)
+            opt = make()
+            step = _apply_step(opt, var, grad)
+            for _ in range(2):
+                step().numpy()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step().numpy()
+                times.append(time.perf_counter() - t0)
+            out[case][name] = statistics.median(times)
+            print(f"speed {case:<6} {name:<32} {out[case][name] * 1e3:10.2f} ms", flush=True)
+            del var, opt
+    return out
+
+
+def _apply_step(opt, var, grad):
+    import tensorflow as tf
+
+    opt.build([var])
+
+    @tf.function
+    def step():
+        opt.apply([grad], [var])
+        return tf.constant(0)  # a tensor result makes the call wait for the step
+
+    return step
+
+
+# --------------------------------------------------------------------------- report
+def markdown(info, mem, qual, speed, command):
+    lines = ["## Benchmark suite (benchmarks/run_all.py)", "", f"Machine: {common.machine_line(info)}.",
+             f"Command: `{command}`. Seeds: 0 everywhere.", ""]
+    if mem:
+        m = mem["model"]
+        lines += [
+            "### Memory",
+            "",
+            f"Optimizer-state bytes of the paper's WikiText-2 model (vocabulary {m['vocab']:,}, embedding {m['embed']}, "
+            f"{m['layers']} x LSTM {m['hidden']}, full softmax; {mem['parameters']:,} parameters), from the "
+            f"optimizers' memory reports after `build`; min_rows {mem['min_rows']}. Peak RSS: a fresh process "
+            f"training that model for {mem['peak_rss_steps']} steps (batch {m['batch']}, BPTT {m['bptt']}) with the "
+            "optimizer at c=0.2 (includes TensorFlow itself, about the same for all).",
+            "",
+            "| optimizer | state bytes c=0.2 | vs Adam | state bytes c=0.05 | vs Adam | peak RSS (MiB) | vs Adam |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        a2, a5 = mem["state"]["0.2"]["Adam (keras)"], mem["state"]["0.05"]["Adam (keras)"]
+        pa = (mem["peak_rss"].get("Adam (keras)") or {}).get("bytes")
+        for name, b in mem["state"]["0.2"].items():
+            b5 = mem["state"]["0.05"][name]
+            p = (mem["peak_rss"].get(name) or {}).get("bytes")
+            lines.append(f"| {name} | {b:,} | {b / a2:.3f} | {b5:,} | {b5 / a5:.3f} | "
+                         f"{p / 2**20 if p else float('nan'):.0f} | {p / pa if p and pa else float('nan'):.3f} |")
+        lines.append("")
+    if qual:
+        s = qual["settings"]
+        base_lr, base = best_run(qual["runs"]["Adam (keras)"])
+        lines += [
+            "### Quality",
+            "",
+            f"Test perplexity after the same number of steps: {qual['data']}; Embedding {s['embed']} -> LSTM "
+            f"{s['hidden']} -> Dense(vocab), batch {s['batch']}, BPTT {s['bptt']}, clipnorm {s['clipnorm']}, "
+            f"{s['epochs']} epochs ({base['steps']} steps). Learning-rate grid {qual['grid']}, walked from "
+            f"{qual['start']} toward the better side; best per optimizer. Ratio to Adam's best.",
+            "",
+            "| optimizer | state / Adam | best lr | test ppl at each lr | best ppl | vs Adam | target | met? |",
+            "|---|---:|---:|---|---:|---:|---:|---|",
+        ]
+        for name, runs in qual["runs"].items():
+            lr, r = best_run(runs)
+            per = ", ".join(f"{float(k):g}: {v['test_ppl']:.1f}" for k, v in sorted(runs.items(), key=lambda t: float(t[0])))
+            ratio = r["test_ppl"] / base["test_ppl"]
+            tgt = TARGETS.get(name)
+            met = "" if tgt is None else ("yes" if ratio <= tgt else f"no, missed by {100 * (ratio - tgt):.1f} points")
+            lines.append(f"| {name} | {r['state_bytes'] / base['state_bytes']:.3f} | {lr:g} | {per} | "
+                         f"{r['test_ppl']:.1f} | {ratio:.3f} | {'' if tgt is None else f'<= {tgt:.2f}'} | {met} |")
+        lines.append("")
+    if speed:
+        lines += [
+            "### Speed",
+            "",
+            f"One optimizer step inside a tf.function, median of {speed['repeats']} (after 2 warm-up steps); "
+            f"sparse: {speed['sparse_case']}; dense: {speed['dense_case']}. Ratio = this time / Keras Adam's time "
+            f"in the same run (< 1 is faster). Fused op loaded: {speed['fused_op_loaded']}.",
+            "",
+            "| optimizer | sparse ms | vs Adam | dense ms | vs Adam |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        sa, da = speed["sparse"]["Adam (keras)"], speed["dense"]["Adam (keras)"]
+        for name in speed["sparse"]:
+            sp, de = speed["sparse"][name], speed["dense"][name]
+            lines.append(f"| {name} | {sp * 1e3:.2f} | {sp / sa:.3f} | {de * 1e3:.2f} | {de / da:.3f} |")
+        lines.append("")
+    lines.append("Plots: benchmarks/results/plots/ (memory.png, quality.png, speed.png).")
+    return "\n".join(lines)
+
+
+def plots(mem, qual, speed, suffix=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    made = []
+    if mem:
+        names = list(mem["state"]["0.2"])
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for i, c in enumerate(("0.2", "0.05")):
+            base = mem["state"][c]["Adam (keras)"]
+            ax.barh([j + 0.4 * i for j in range(len(names))], [mem["state"][c][n] / base for n in names], 0.4,
+                    label=f"compression {c}")
+        ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
+        ax.set_xlabel("optimizer-state bytes / Keras Adam")
+        ax.legend()
+        fig.tight_layout()
+        made.append(PLOTS / f"memory{suffix}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    if qual:
+        base = best_run(qual["runs"]["Adam (keras)"])[1]["test_ppl"]
+        names = list(qual["runs"])
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh(names, [best_run(qual["runs"][n])[1]["test_ppl"] / base for n in names])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("best test perplexity / Adam")
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        made.append(PLOTS / f"quality{suffix}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    if speed:
+        names = list(speed["sparse"])
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, case in enumerate(("sparse", "dense")):
+            base = speed[case]["Adam (keras)"]
+            ax.barh([j + 0.4 * i for j in range(len(names))], [speed[case][n] / base for n in names], 0.4, label=case)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
+        ax.set_xlabel("step time / Keras Adam (log scale)")
+        ax.legend()
+        fig.tight_layout()
+        made.append(PLOTS / f"speed{suffix}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sections", default="memory,quality,speed")
+    p.add_argument("--repeats", type=int, default=0, help="speed repeats (0: 7, or 3 with --quick)")
+    p.add_argument("--markdown", action="store_true", help="write RESULTS.md even with --quick")
+    p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak-steps", type=int, default=4, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.peak_child:
+        return peak_child(a.peak_child, a.peak_steps, a.quick)
+    common.quiet_tf()
+    info = common.machine_info()
+    print(common.machine_line(info), flush=True)
+    sections = a.sections.split(",")
+    suffix = "_quick" if a.quick else ""
+    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = {s: common.RESULTS_DIR / f"{s}{suffix}.json" for s in ("memory", "quality", "speed")}
+    mem = qual = speed = None
+    if "memory" in sections:
+        mem = memory_section(a.quick)
+        common.save_json(path["memory"], dict(mem, machine=info, command=command))
+    if "quality" in sections:
+        qual = quality_section(a.quick, path["quality"])
+        qual.update(machine=info, command=command)
+        common.save_json(path["quality"], qual)
+    if "speed" in sections:
+        speed = speed_section(a.quick, a.repeats or (3 if a.quick else 7))
+        common.save_json(path["speed"], dict(speed, machine=info, command=command))
+    # Sections not run this time come from their stored JSON (full runs only).
+    if not a.quick:
+        mem = mem or common.load_json(path["memory"], None)
+        qual = qual or common.load_json(path["quality"], None)
+        speed = speed or common.load_json(path["speed"], None)
+    text = markdown(info, mem, qual, speed, command)
+    print("\n" + text)
+    made = plots(mem, qual, speed, suffix)
+    print("plots: " + ", ".join(str(m) for m in made))
+    if not a.quick or a.markdown:
+        common.replace_section(common.RESULTS_MD, "run_all", text)
+    return dict(memory=mem, quality=qual, speed=speed, markdown=text, plots=made)
+
+
+if __name__ == "__main__":
+    main()

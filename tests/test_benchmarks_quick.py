@@ -1,0 +1,96 @@
+"""The benchmark suite and the examples, run tiny so they cannot rot.
+
+Runs ``benchmarks/run_all.py --quick`` and each example with tiny flags in
+this process (one TensorFlow start-up), writing only to temporary or
+``*_quick`` outputs.  About a minute or two on 2 cores.
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _import(name):
+    return importlib.import_module(name)
+
+
+def test_run_all_quick(tmp_path, monkeypatch):
+    common = _import("common")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
+    run_all = _import("run_all")
+    monkeypatch.setattr(run_all, "PLOTS", tmp_path / "plots")
+    out = run_all.main(["--quick", "--markdown"])
+    mem, qual, speed = out["memory"], out["quality"], out["speed"]
+    adam = mem["state"]["0.2"]["Adam (keras)"]
+    # Sketched state is smaller than Adam's, and smaller again at c=0.05.
+    for name in ("CSAdam-MV (sketched m and v)", "CSAdam-V (exact m, sketched v; default)"):
+        assert mem["state"]["0.2"][name] < adam
+        assert mem["state"]["0.05"][name] < mem["state"]["0.2"][name]
+    assert all(v and v["bytes"] > 0 for v in mem["peak_rss"].values())
+    for runs in qual["runs"].values():
+        assert runs and all(math.isfinite(r["test_ppl"]) for r in runs.values())
+    for case in ("sparse", "dense"):
+        assert speed[case]["Adam (keras)"] > 0 and len(speed[case]) >= 6
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- run_all:start -->" in text and "### Speed" in text
+    assert {p.name for p in out["plots"]} == {"memory_quick.png", "quality_quick.png", "speed_quick.png"}
+    for s in ("memory", "quality", "speed"):
+        json.loads((tmp_path / f"{s}_quick.json").read_text())
+
+
+def test_defaults_study_quick(tmp_path):
+    study = _import("defaults_study")
+    res = study.main(["--quick", "--out", str(tmp_path / "ds.json"), "--no-markdown"])
+    assert set(res["runs"]) == {"adam", "default"}
+    assert "mv" in res["dense"]["configs"]
+
+
+def test_adaptive_rates_walks_to_the_best():
+    study = _import("defaults_study")
+    calls = []
+
+    def f(lr):
+        calls.append(lr)
+        return abs(math.log(lr / 4e-3))
+
+    res = study.adaptive_rates(f, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], (8e-3, 1.6e-2))
+    assert min(res, key=res.get) == 4e-3 and calls == [8e-3, 1.6e-2, 4e-3, 2e-3]
+
+
+def test_lm_example_tiny(tmp_path):
+    ex = _import("lm_wikitext2")
+    res = ex.main(["--layers", "1", "--hidden", "16", "--epochs", "1", "--max-tokens", "6000", "--vocab", "300",
+                   "--optimizers", "adam,csadam", "--min-rows", "100", "--verbose", "2", "--batch", "10",
+                   "--output", str(tmp_path / "lm")])
+    assert [r["optimizer"] for r in res] == ["adam", "csadam"]
+    assert res[1]["state_bytes"] < res[0]["state_bytes"]
+    assert (tmp_path / "lm.png").exists()
+
+
+def test_extreme_classification_tiny(tmp_path):
+    ex = _import("extreme_classification")
+    res = ex.main(["--classes", "3000", "--features", "2000", "--train-examples", "2000", "--test-examples", "300",
+                   "--num-sampled", "32", "--dim", "16", "--epochs", "1", "--min-rows", "1000", "--verbose", "2",
+                   "--optimizers", "adam,csadam-v0@0.05", "--output", str(tmp_path / "xc")])
+    assert res[1]["state_bytes"] < res[0]["state_bytes"]
+    assert res[1]["max_batch_in_budget"] > res[0]["max_batch_in_budget"]
+    assert (tmp_path / "xc.png").exists()
+
+
+def test_image_example_tiny(tmp_path):
+    pytest.importorskip("sklearn")
+    ex = _import("image_classification")
+    res = ex.main(["--epochs", "1", "--max-train", "256", "--optimizers", "rmsprop,csrmsprop", "--verbose", "2",
+                   "--output", str(tmp_path / "img")])
+    assert res[1]["state_bytes"] < res[0]["state_bytes"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in res)
+    assert (tmp_path / "img.png").exists()
