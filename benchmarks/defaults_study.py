@@ -47,7 +47,7 @@ CONFIGS = {
     "cs_mv": ("count-sketch m + count-min v (paper's CS-MV), c=0.2, depth 1", dict(first_moment="sketch")),
     "adam_b0": ("keras Adam, beta_1=0 (baseline of the no-1st-moment rows)", "adam_b0"),
     "b0": ("CSAdam beta_1=0 (no m), count-min v c=0.2 depth 1", dict(beta_1=0.0)),
-    "b0_c06": ("CSAdam beta_1=0, count-min v c=0.6 (3x width; same bytes as CS-MV c=0.2 + ...)",
+    "b0_c06": ("CSAdam beta_1=0, count-min v c=0.6 (3x the width of b0)",
                dict(beta_1=0.0, compression=0.6)),
     "b0_emb_only": ("CSAdam beta_1=0, only the embedding sketched", dict(beta_1=0.0, hash_axis="first")),
 }
@@ -95,7 +95,7 @@ def _regression_step(w, opt):
     return step
 
 
-def dense_check(steps=200, rows=4000, cols=16, compression=0.2, seed=0, grid=(1e-3, 3e-3, 1e-2, 3e-2)):
+def dense_check(steps=200, rows=4000, cols=16, compression=0.2, seed=0, grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2)):
     """Linear regression y = x W*, W [rows, cols], every row sketched."""
     import numpy as np
     import keras
@@ -154,7 +154,7 @@ def report(results):
         "## Defaults study (benchmarks/defaults_study.py)",
         "",
         f"Machine: {common.machine_line(results['machine'])}.",
-        f"Command: `{results['command']}`",
+        "Commands (in order; finished runs are reused): " + "; ".join(f"`{c}`" for c in results.get("commands", [])),
         "",
         f"Data: {results.get('data', '')}. Model: Embedding {s['embed']} -> LSTM {s['hidden']} -> Dense(vocab); "
         f"batch {s['batch']}, BPTT {s['bptt']}, clipnorm {s['clipnorm']}, {s['epochs']} epoch(s), seed {s['seed']}. "
@@ -162,8 +162,8 @@ def report(results):
         "Ratios are against keras Adam's best in the same run (no-1st-moment rows also against Adam beta_1=0).",
         "",
         "| configuration | state bytes | state / Adam | best lr | test ppl at each lr | best test ppl | vs Adam | "
-        "vs Adam b1=0 |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "vs Adam b1=0 | at Adam's best lr, vs Adam |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
 
     def best(name):
@@ -184,8 +184,11 @@ def report(results):
         vs = f"{r['test_ppl'] / base[1]['test_ppl']:.3f}" if base else "-"
         vs0 = f"{r['test_ppl'] / base0[1]['test_ppl']:.3f}" if base0 and name.startswith(("b0", "adam_b0")) else ""
         ratio = f"{r['state_bytes'] / base[1]['state_bytes']:.3f}" if base else "-"
+        at_base = runs[name].get(repr(base[0])) if base else None
+        fixed = f"{at_base['test_ppl'] / base[1]['test_ppl']:.3f}" if at_base else "-"
         lines.append(
-            f"| `{name}`: {desc} | {r['state_bytes']:,} | {ratio} | {lr:g} | {per} | {r['test_ppl']:.1f} | {vs} | {vs0} |"
+            f"| `{name}`: {desc} | {r['state_bytes']:,} | {ratio} | {lr:g} | {per} | {r['test_ppl']:.1f} | {vs} | {vs0} "
+            f"| {fixed} |"
         )
     dense = results.get("dense")
     if dense:
@@ -222,6 +225,7 @@ def main(argv=None):
     p.add_argument("--grid", default=",".join(str(g) for g in GRID))
     p.add_argument("--start", default=",".join(str(g) for g in START))
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--redo-dense", action="store_true", help="run the dense-layer check again")
     p.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "defaults_study.json"))
@@ -241,7 +245,12 @@ def main(argv=None):
         results = {"settings": settings, "runs": {}}
     results["settings"]["grid"] = grid
     results["settings"]["start"] = list(start)
-    results["command"] = "python benchmarks/defaults_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/defaults_study.py " + " ".join(
+        repr(x) if x == "" else x for x in (argv if argv is not None else sys.argv[1:]))
+    if not a.report_only:  # every invocation that added runs (they are resumable), in order
+        results.setdefault("commands", [])
+        if command not in results["commands"]:
+            results["commands"].append(command)
     if not a.report_only:
         common.quiet_tf()
         results["machine"] = common.machine_info()
@@ -249,10 +258,10 @@ def main(argv=None):
         data = common.lm_data(a.max_train_tokens, a.max_test_tokens, a.vocab, a.batch, a.bptt)
         results["data"] = data["desc"]
         print(data["desc"], flush=True)
-        if not a.no_dense and "dense" not in results:
+        if not a.no_dense and ("dense" not in results or a.redo_dense):
             results["dense"] = dense_check(steps=50 if a.quick else 200, rows=400 if a.quick else 4000)
             common.save_json(a.out, results)
-        for name in a.configs.split(","):
+        for name in filter(None, a.configs.split(",")):
             desc, spec = CONFIGS[name]
             runs = results["runs"].setdefault(name, {})
 
