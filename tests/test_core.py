@@ -276,13 +276,24 @@ def test_rank3_and_vector_variables():
 
 
 def test_hash_axis_auto_hashes_the_class_axis_of_a_dense_kernel():
-    opt = ks.CSAdam(min_rows=100)
+    opt = ks.CSAdam(min_rows=100, hash_axis="auto")
     emb = keras.Variable(np.zeros((5000, 32), np.float32), name="emb")
     out = keras.Variable(np.zeros((32, 5000), np.float32), name="out")
     opt.build([emb, out])
     rows = opt.memory_report().rows
     assert rows[0]["hashed_axis"] == "first" and rows[1]["hashed_axis"] == "last"
     assert rows[1]["states"]["v"][1] == (1, 1000, 32)
+
+
+def test_default_hash_axis_sketches_rows_and_keeps_narrow_output_kernels_exact():
+    opt = ks.CSAdam(min_rows=100)
+    emb = keras.Variable(np.zeros((5000, 32), np.float32), name="emb")
+    out = keras.Variable(np.zeros((32, 5000), np.float32), name="out")
+    wide_in = keras.Variable(np.zeros((400, 30), np.float32), name="wide_in")
+    opt.build([emb, out, wide_in])
+    rows = opt.memory_report().rows
+    assert [r["mode"] for r in rows] == ["sketched", "exact", "sketched"]
+    assert rows[1]["states"]["v"] == ("exact", (32, 5000))
 
 
 def test_cleaning_scales_count_min_sketch_every_interval():

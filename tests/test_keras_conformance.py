@@ -237,7 +237,7 @@ MISMATCHES = [
     ({"width": 10}, "width: saved None, this optimizer 10"),
     ({"compression": 0.6}, "compression: saved 0.3, this optimizer 0.6"),
     ({"min_rows": 1000}, "min_rows: saved 8, this optimizer 1000"),  # set of sketched variables
-    ({"hash_axis": "first"}, "hash_axis: saved 'auto', this optimizer 'first'"),
+    ({"hash_axis": "last"}, "hash_axis: saved 'first', this optimizer 'last'"),
     ({"first_moment": "sketch"}, "first_moment: saved 'exact', this optimizer 'sketch'"),
 ]
 
