@@ -38,17 +38,22 @@ import common  # noqa: E402
 CONFIGS = {
     "adam": ("keras Adam (baseline)", "adam"),
     "exact_lazy": ("CSAdam, nothing sketched (min_rows=1e9): exact lazy Adam", dict(min_rows=10**9)),
-    "default": ("CSAdam() default: exact m, count-min v, depth 1, c=0.2, embedding rows + softmax class axis", {}),
-    "depth3": ("as default, depth 3 (equal memory)", dict(depth=3)),
-    "emb_only": ("as default, only the embedding sketched (hash_axis='first': softmax kernel 128 rows stays exact)",
+    # "default" is CSAdam()'s default when the study ran (hash_axis="auto"); since then the default is
+    # hash_axis="first", the "emb_only" row.  Every row names its hash_axis so reruns measure the same thing.
+    "default": ("CSAdam, hash_axis='auto' (the default when this ran): exact m, count-min v, depth 1, c=0.2, "
+                "embedding rows + softmax class axis", dict(hash_axis="auto")),
+    "depth3": ("as `default`, depth 3 (equal memory)", dict(depth=3, hash_axis="auto")),
+    "emb_only": ("hash_axis='first' (the default now): only the embedding sketched (softmax kernel: 128 rows, exact)",
                  dict(hash_axis="first")),
-    "c05": ("as default, compression 0.5 (embedding and class axis)", dict(compression=0.5)),
-    "cleaning": ("as default + cleaning x0.5 every 50 steps", dict(cleaning_factor=0.5, cleaning_interval=50)),
-    "cs_mv": ("count-sketch m + count-min v (paper's CS-MV), c=0.2, depth 1", dict(first_moment="sketch")),
+    "c05": ("as `default`, compression 0.5 (embedding and class axis)", dict(compression=0.5, hash_axis="auto")),
+    "cleaning": ("as `default` + cleaning x0.5 every 50 steps",
+                 dict(cleaning_factor=0.5, cleaning_interval=50, hash_axis="auto")),
+    "cs_mv": ("count-sketch m + count-min v (paper's CS-MV), c=0.2, depth 1, hash_axis='auto'",
+              dict(first_moment="sketch", hash_axis="auto")),
     "adam_b0": ("keras Adam, beta_1=0 (baseline of the no-1st-moment rows)", "adam_b0"),
-    "b0": ("CSAdam beta_1=0 (no m), count-min v c=0.2 depth 1", dict(beta_1=0.0)),
-    "b0_c06": ("CSAdam beta_1=0, count-min v c=0.6 (3x the width of b0)",
-               dict(beta_1=0.0, compression=0.6)),
+    "b0": ("CSAdam beta_1=0 (no m), count-min v c=0.2 depth 1, hash_axis='auto'", dict(beta_1=0.0, hash_axis="auto")),
+    "b0_c06": ("CSAdam beta_1=0, count-min v c=0.6 (3x the width of b0), hash_axis='auto'",
+               dict(beta_1=0.0, compression=0.6, hash_axis="auto")),
     "b0_emb_only": ("CSAdam beta_1=0, only the embedding sketched", dict(beta_1=0.0, hash_axis="first")),
 }
 GRID = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]

@@ -4,8 +4,8 @@
     python benchmarks/run_all.py --quick    # everything tiny, 1-2 minutes (run by tests/test_benchmarks_quick.py)
     python benchmarks/run_all.py --sections memory,speed
 
-Writes benchmarks/results/{memory,quality,speed}.json (``--quick``: *_quick.json),
-plots under benchmarks/results/plots/, and the ``run_all`` section of
+Writes benchmarks/results/{memory,quality,speed}.json and plots under
+benchmarks/results/plots/ (``--quick``: *_quick files under the git-ignored benchmarks/results/tmp/), and the ``run_all`` section of
 benchmarks/RESULTS.md (not in ``--quick`` mode unless ``--markdown``).
 
 * Memory: optimizer-state bytes of the paper's WikiText-2 model (Table 4:
@@ -52,11 +52,13 @@ def optimizer_specs(compression):
 
     import keras_sketch
 
-    c = dict(compression=compression)
+    c = dict(compression=compression, hash_axis="auto")  # the paper's setting: class axis sketched too
     specs = {
         "Adam (keras)": lambda lr: keras.optimizers.Adam(lr),
+        "CSAdam() default (hash_axis='first': no class axis)": lambda lr: keras_sketch.CSAdam(
+            lr, compression=compression, hash_axis="first"),
         "CSAdam-MV (sketched m and v)": lambda lr: keras_sketch.CSAdam(lr, first_moment="sketch", **c),
-        "CSAdam-V (exact m, sketched v; default)": lambda lr: keras_sketch.CSAdam(lr, **c),
+        "CSAdam-V (exact m, sketched v)": lambda lr: keras_sketch.CSAdam(lr, **c),
         "CSAdam no 1st moment (beta_1=0)": lambda lr: keras_sketch.CSAdam(lr, beta_1=0.0, **c),
         "CSAdagrad": lambda lr: keras_sketch.CSAdagrad(lr, **c),
         "CSRMSprop": lambda lr: keras_sketch.CSRMSprop(lr, **c),
@@ -96,7 +98,7 @@ def memory_section(quick):
     # Peak resident memory of a short training run, one fresh process per optimizer.
     steps = 2 if quick else 4
     names = list(optimizer_specs(0.2))
-    for name in names[:2] if quick else names:  # --quick: Adam and CSAdam-MV only
+    for name in names[:2] if quick else names:  # --quick: Adam and CSAdam() only
         cmd = [sys.executable, __file__, "--peak-child", name, "--peak-steps", str(steps)] + (["--quick"] if quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK_RSS_KB")]
@@ -141,6 +143,7 @@ def peak_child(name, steps, quick):
 QUALITY_CONFIGS = {
     # name: (compression or None, factory kind)
     "Adam (keras)": (None, "adam"),
+    "CSAdam() default, hash_axis='first', c=0.2": (0.2, "v_first"),
     "CSAdam-V c=0.2": (0.2, "v"),
     "CSAdam-MV c=0.2": (0.2, "mv"),
     "CSAdam-V c=0.05": (0.05, "v"),
@@ -150,7 +153,8 @@ QUALITY_CONFIGS = {
 }
 TARGETS = {"CSAdam-V c=0.2": 1.01, "CSAdam-MV c=0.2": 1.02, "CSAdam-V c=0.05": 1.05, "CSAdam-MV c=0.05": 1.05}
 # Runs of benchmarks/defaults_study.py at the same settings are the same runs.
-FROM_STUDY = {"Adam (keras)": "adam", "CSAdam-V c=0.2": "default", "CSAdam-MV c=0.2": "cs_mv"}
+FROM_STUDY = {"Adam (keras)": "adam", "CSAdam-V c=0.2": "default", "CSAdam-MV c=0.2": "cs_mv",
+              "CSAdam() default, hash_axis='first', c=0.2": "emb_only"}
 
 
 def quality_factory(kind, compression, lr, clipnorm):
@@ -164,8 +168,11 @@ def quality_factory(kind, compression, lr, clipnorm):
         return lambda: keras.optimizers.Adafactor(lr, clipnorm=clipnorm)
     if kind == "sm3":
         return lambda: keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999, clipnorm=clipnorm)
+    # CSAdam-V / -MV rows sketch the class axis too (hash_axis="auto", the paper's setting); "v_first" is
+    # CSAdam()'s default layout (rows only).
     extra = {"first_moment": "sketch"} if kind == "mv" else {}
-    return lambda: keras_sketch.CSAdam(lr, compression=compression, clipnorm=clipnorm, **extra)
+    axis = "first" if kind == "v_first" else "auto"
+    return lambda: keras_sketch.CSAdam(lr, compression=compression, clipnorm=clipnorm, hash_axis=axis, **extra)
 
 
 def quality_section(quick, out_path):
@@ -203,7 +210,7 @@ def quality_section(quick, out_path):
             key = repr(lr)
             if key not in runs:
                 make = quality_factory(kind, compression, lr, s["clipnorm"])
-                if quick and kind in ("v", "mv"):
+                if quick and kind in ("v", "mv", "v_first"):
                     inner = make
                     make = lambda inner=inner: _with_min_rows(inner(), s["min_rows"])  # noqa: E731
                 runs[key] = common.train_lm(make, data, s["embed"], s["hidden"], batch=s["batch"], bptt=s["bptt"],
@@ -367,13 +374,14 @@ def markdown(info, mem, qual, speed, command):
     return "\n".join(lines)
 
 
-def plots(mem, qual, speed, suffix=""):
+def plots(mem, qual, speed, suffix="", folder=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    PLOTS.mkdir(parents=True, exist_ok=True)
+    folder = folder or PLOTS
+    folder.mkdir(parents=True, exist_ok=True)
     made = []
     if mem:
         names = list(mem["state"]["0.2"])
@@ -386,7 +394,7 @@ def plots(mem, qual, speed, suffix=""):
         ax.set_xlabel("optimizer-state bytes / Keras Adam")
         ax.legend()
         fig.tight_layout()
-        made.append(PLOTS / f"memory{suffix}.png")
+        made.append(folder / f"memory{suffix}.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     if qual:
@@ -398,7 +406,7 @@ def plots(mem, qual, speed, suffix=""):
         ax.set_xlabel("best test perplexity / Adam")
         ax.tick_params(axis="y", labelsize=7)
         fig.tight_layout()
-        made.append(PLOTS / f"quality{suffix}.png")
+        made.append(folder / f"quality{suffix}.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     if speed:
@@ -413,7 +421,7 @@ def plots(mem, qual, speed, suffix=""):
         ax.set_xlabel("step time / Keras Adam (log scale)")
         ax.legend()
         fig.tight_layout()
-        made.append(PLOTS / f"speed{suffix}.png")
+        made.append(folder / f"speed{suffix}.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     return made
@@ -436,7 +444,8 @@ def main(argv=None):
     sections = a.sections.split(",")
     suffix = "_quick" if a.quick else ""
     command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = {s: common.RESULTS_DIR / f"{s}{suffix}.json" for s in ("memory", "quality", "speed")}
+    out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR  # results/tmp/ is git-ignored
+    path = {s: out_dir / f"{s}{suffix}.json" for s in ("memory", "quality", "speed")}
     mem = qual = speed = None
     if "memory" in sections:
         mem = memory_section(a.quick)
@@ -455,7 +464,7 @@ def main(argv=None):
         speed = speed or common.load_json(path["speed"], None)
     text = markdown(info, mem, qual, speed, command)
     print("\n" + text)
-    made = plots(mem, qual, speed, suffix)
+    made = plots(mem, qual, speed, suffix, out_dir / "plots" if a.quick else PLOTS)
     print("plots: " + ", ".join(str(m) for m in made))
     if not a.quick or a.markdown:
         common.replace_section(common.RESULTS_MD, "run_all", text)
