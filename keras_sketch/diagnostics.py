@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, Sketch, hash_params, sketch_width
 from keras_sketch.state import Layout
+from keras_sketch.optimizers.sm3 import min_over_covers
 
 DEFAULT_METHODS = {
     "count_sketch": dict(kind="count_sketch", depth=3),
@@ -150,9 +151,9 @@ class _SM3Estimator(_Estimator):
         others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
         if self.variant == "I":
             new = [decay * mu + scale * tf.reduce_max(g2, axis=others(i)) for i, mu in enumerate(self.covers)]
-            nu = self._min_over_covers(new)
+            nu = min_over_covers(new, len(self.shape))
         else:
-            nu = decay * self._min_over_covers(self.covers) + scale * g2
+            nu = decay * min_over_covers(self.covers, len(self.shape)) + scale * g2
             new = [tf.reduce_max(nu, axis=others(i)) for i in range(rank)]
         for mu, value in zip(self.covers, new):
             mu.assign(value)

@@ -137,8 +137,8 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
             new = [decay * mu + scale * tf.reduce_max(g2, axis=others(i)) for i, mu in enumerate(covers)]
             for mu, value in zip(covers, new):
                 mu.assign(value)
-            return _min_over_covers(new, rank)
-        nu = decay * _min_over_covers(covers, rank) + scale * g2
+            return min_over_covers(new, rank)
+        nu = decay * min_over_covers(covers, rank) + scale * g2
         for i, mu in enumerate(covers):
             mu.assign(tf.reduce_max(nu, axis=others(i)))
         return nu
@@ -162,8 +162,8 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
             new += [decay * old[i] + scale * tf.reduce_max(g2, axis=others(i)) for i in range(1, rank)]
             for mu, value in zip(covers, new):  # untouched rows add max(0) = 0 to the other axes
                 mu.assign(value)
-            return _min_over_covers([rows_new] + new[1:], rank)
-        nu = decay * _min_over_covers([tf.gather(old[0], ids)] + old[1:], rank) + scale * g2
+            return min_over_covers([rows_new] + new[1:], rank)
+        nu = decay * min_over_covers([tf.gather(old[0], ids)] + old[1:], rank) + scale * g2
         maxima = [tf.reduce_max(a) for a in old]
         # nu of an untouched slice along axis 0 at index r is decay * min(mu_0(r), min_k>0 max mu_k)
         untouched_rows = decay * tf.minimum(old[0], tf.reduce_min(tf.stack(maxima[1:])))
@@ -184,7 +184,7 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         return config
 
 
-def _min_over_covers(covers, rank):
+def min_over_covers(covers, rank):
     """``nu[x] = min_i mu_i[x_i]``; ``covers[0]`` may hold gathered rows ``[k]``."""
     out = None
     for i, mu in enumerate(covers):
