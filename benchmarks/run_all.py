@@ -342,8 +342,9 @@ def markdown(info, mem, qual, speed, command):
             f"{s['epochs']} epochs ({base['steps']} steps). Learning-rate grid {qual['grid']}, walked from "
             f"{qual['start']} toward the better side; best per optimizer. Ratio to Adam's best.",
             "",
-            "| optimizer | state / Adam | best lr | test ppl at each lr | best ppl | vs Adam | target | met? |",
-            "|---|---:|---:|---|---:|---:|---:|---|",
+            "| optimizer | state / Adam | best lr | test ppl at each lr | best ppl | vs Adam | target | met? | "
+            "at Adam's best lr, vs Adam |",
+            "|---|---:|---:|---|---:|---:|---:|---|---:|",
         ]
         for name, runs in qual["runs"].items():
             lr, r = best_run(runs)
@@ -351,8 +352,11 @@ def markdown(info, mem, qual, speed, command):
             ratio = r["test_ppl"] / base["test_ppl"]
             tgt = TARGETS.get(name)
             met = "" if tgt is None else ("yes" if ratio <= tgt else f"no, missed by {100 * (ratio - tgt):.1f} points")
+            at_base = runs.get(repr(base_lr))
+            fixed = f"{at_base['test_ppl'] / base['test_ppl']:.3f}" if at_base else "-"
             lines.append(f"| {name} | {r['state_bytes'] / base['state_bytes']:.3f} | {lr:g} | {per} | "
-                         f"{r['test_ppl']:.1f} | {ratio:.3f} | {'' if tgt is None else f'<= {tgt:.2f}'} | {met} |")
+                         f"{r['test_ppl']:.1f} | {ratio:.3f} | {'' if tgt is None else f'<= {tgt:.2f}'} | {met} | "
+                         f"{fixed} |")
         lines.append("")
     if speed:
         lines += [
@@ -430,7 +434,8 @@ def plots(mem, qual, speed, suffix="", folder=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sections", default="memory,quality,speed")
+    p.add_argument("--sections", default="memory,quality,speed",
+                   help="sections to run; the others come from their stored JSON ('none': just the report)")
     p.add_argument("--repeats", type=int, default=0, help="speed repeats (0: 7, or 3 with --quick)")
     p.add_argument("--markdown", action="store_true", help="write RESULTS.md even with --quick")
     p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
@@ -443,7 +448,7 @@ def main(argv=None):
     print(common.machine_line(info), flush=True)
     sections = a.sections.split(",")
     suffix = "_quick" if a.quick else ""
-    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python benchmarks/run_all.py"] + list(argv if argv is not None else sys.argv[1:]))
     out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR  # results/tmp/ is git-ignored
     path = {s: out_dir / f"{s}{suffix}.json" for s in ("memory", "quality", "speed")}
     mem = qual = speed = None
@@ -462,6 +467,10 @@ def main(argv=None):
         mem = mem or common.load_json(path["memory"], None)
         qual = qual or common.load_json(path["quality"], None)
         speed = speed or common.load_json(path["speed"], None)
+    ran = [x for x in sections if x in ("memory", "quality", "speed")]
+    if not ran and not a.quick:  # report only: machine and command of the stored run
+        stored = next((x for x in (mem, qual, speed) if x), {})
+        info, command = stored.get("machine", info), stored.get("command", command)
     text = markdown(info, mem, qual, speed, command)
     print("\n" + text)
     made = plots(mem, qual, speed, suffix, out_dir / "plots" if a.quick else PLOTS)
