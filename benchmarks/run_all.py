@@ -378,6 +378,16 @@ def markdown(info, mem, qual, speed, command):
     return "\n".join(lines)
 
 
+def _paired_bars(ax, groups):
+    """Horizontal bars, one colour per group, each value / the group's Keras Adam."""
+    names = list(next(iter(groups.values())))
+    for i, (label, values) in enumerate(groups.items()):
+        base = values["Adam (keras)"]
+        ax.barh([j + 0.4 * i for j in range(len(names))], [values[n] / base for n in names], 0.4, label=label)
+    ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
+    ax.legend()
+
+
 def plots(mem, qual, speed, suffix="", folder=None):
     import matplotlib
 
@@ -388,15 +398,9 @@ def plots(mem, qual, speed, suffix="", folder=None):
     folder.mkdir(parents=True, exist_ok=True)
     made = []
     if mem:
-        names = list(mem["state"]["0.2"])
         fig, ax = plt.subplots(figsize=(8, 4))
-        for i, c in enumerate(("0.2", "0.05")):
-            base = mem["state"][c]["Adam (keras)"]
-            ax.barh([j + 0.4 * i for j in range(len(names))], [mem["state"][c][n] / base for n in names], 0.4,
-                    label=f"compression {c}")
-        ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
+        _paired_bars(ax, {f"compression {c}": mem["state"][c] for c in ("0.2", "0.05")})
         ax.set_xlabel("optimizer-state bytes / Keras Adam")
-        ax.legend()
         fig.tight_layout()
         made.append(folder / f"memory{suffix}.png")
         fig.savefig(made[-1], dpi=110)
@@ -414,16 +418,11 @@ def plots(mem, qual, speed, suffix="", folder=None):
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     if speed:
-        names = list(speed["sparse"])
         fig, ax = plt.subplots(figsize=(8, 5))
-        for i, case in enumerate(("sparse", "dense")):
-            base = speed[case]["Adam (keras)"]
-            ax.barh([j + 0.4 * i for j in range(len(names))], [speed[case][n] / base for n in names], 0.4, label=case)
+        _paired_bars(ax, {case: speed[case] for case in ("sparse", "dense")})
         ax.set_xscale("log")
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
         ax.set_xlabel("step time / Keras Adam (log scale)")
-        ax.legend()
         fig.tight_layout()
         made.append(folder / f"speed{suffix}.png")
         fig.savefig(made[-1], dpi=110)

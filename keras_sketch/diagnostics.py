@@ -137,15 +137,6 @@ class _SM3Estimator(_Estimator):
         self.floats = sum(self.shape)
         self.dims = " + ".join(f"[{n}]" for n in self.shape)
 
-    def _min_over_covers(self, covers):
-        rank, out = len(self.shape), None
-        for i, mu in enumerate(covers):
-            b = [1] * rank
-            b[i] = -1
-            b = tf.reshape(tf.convert_to_tensor(mu), b)
-            out = b if out is None else tf.minimum(out, b)
-        return out
-
     def update(self, g2, decay, scale, step):
         rank = len(self.shape)
         others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
