@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.state import tf_variable
+from keras_sketch.state import in_xla_context, tf_variable
 
 PRIME = 2**31 - 1
 COUNT_SKETCH = "count_sketch"
@@ -111,7 +111,15 @@ class Sketch:
     # -- query -------------------------------------------------------------
     def query(self, loc):
         """Estimates ``[k, dim]`` of the rows at ``loc``."""
-        values = tf.gather(self._tensor(), loc.buckets, batch_dims=1)  # [depth, k, dim]
+        indices = self._indices(loc)
+        if in_xla_context():  # XLA has no ResourceGatherNd kernel, nor copy-on-write
+            values = tf.gather_nd(self._tensor(), indices)
+        else:
+            # Gathered from the variable itself: a full read followed by the
+            # step's scatter would copy the whole table (copy-on-write).
+            values = tf.raw_ops.ResourceGatherNd(
+                resource=self._variable().handle, indices=indices, dtype=self.table.dtype
+            )
         if loc.signs is not None:
             values = values * loc.signs[:, :, None]
         return self._combine(values)
@@ -169,15 +177,18 @@ class Sketch:
     # -- update ------------------------------------------------------------
     def add(self, loc, delta):
         """UPDATE: ``S[j, h_j(i)] += s_j(i) * delta_i`` for every row ``i``."""
+        updates = tf.broadcast_to(delta[None], tf.concat([[self.depth], tf.shape(delta)], 0))
+        if loc.signs is not None:
+            updates = updates * loc.signs[:, :, None]
+        self._variable().scatter_nd_add(self._indices(loc), updates)
+
+    def _indices(self, loc):
+        """``[depth, k, 2]`` (depth, bucket) pairs of ``loc``."""
         k = tf.shape(loc.buckets)[1]
         depth_ids = tf.broadcast_to(
             tf.range(self.depth, dtype=tf.int64)[:, None], tf.stack([self.depth, k])
         )
-        indices = tf.stack([depth_ids, loc.buckets], axis=-1)  # [depth, k, 2]
-        updates = tf.broadcast_to(delta[None], tf.concat([[self.depth], tf.shape(delta)], 0))
-        if loc.signs is not None:
-            updates = updates * loc.signs[:, :, None]
-        self._variable().scatter_nd_add(indices, updates)
+        return tf.stack([depth_ids, loc.buckets], axis=-1)
 
     def decay_add_all(self, decay, x):
         """``S <- decay * S + sketch(x)`` for a full ``[rows, dim]`` update ``x``.

@@ -58,7 +58,9 @@ class ExactState:
         return tf.cast(rows, tf.int64)
 
     def query(self, loc):
-        return tf.gather(self._tensor(), loc)
+        # A gather on the variable itself: reading the whole variable first
+        # would make the following scatter copy it (copy-on-write).
+        return self._variable().sparse_read(loc)
 
     def query_all(self):
         return self._tensor()
