@@ -186,9 +186,9 @@ def write_results_md(text, meta):
         "keeps an exact m (5 x 64 MiB). So the best possible default-CSAdam gain over XLA Adam is "
         "7/5 = 1.4x, below the 2x target by construction; the fused kernels are compute-bound on "
         "this 2-core Xeon VM, shared with other jobs while measured (per-element sqrt and division, query, bucket add, AVX2 at most since "
-        "the shipped build may not assume AVX-512) while XLA's SGD is a pure stream. The sparse "
-        "step pays merge_duplicates (argsort, segment sums: several TF kernels) before the op; "
-        "the lazy baseline uses one tf.unique. See docs/fused_op.md.",
+        "the shipped build may not assume AVX-512) while XLA's SGD is a pure stream. Both sparse "
+        "paths merge duplicate ids with one tf.unique before the update, as the lazy baseline "
+        "does (a static-shape sort-based merge is used only under XLA). See docs/fused_op.md.",
         END,
     ])
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
