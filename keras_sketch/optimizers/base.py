@@ -45,13 +45,41 @@ def check_int(name, value, low, high=None):
     return int(check_number(name, value, low, high))
 
 
+class SparseUnscale(tf.IndexedSlices):
+    """An ``IndexedSlices`` that Keras's ``apply`` can unscale with ``/``.
+
+    ``keras.optimizers.Optimizer.apply`` divides every gradient by
+    ``loss_scale_factor`` with ``g / scale``, which ``tf.IndexedSlices`` does
+    not support (TypeError).  Sparse gradients are wrapped in this class, whose
+    division returns a plain ``IndexedSlices`` with divided values: the rows
+    stay sparse.
+    """
+
+    def __truediv__(self, scale):
+        values = self.values / tf.cast(scale, self.values.dtype)
+        return tf.IndexedSlices(values, self.indices, self.dense_shape)
+
+
 class CompressedStateMixin:
     """What every keras_sketch optimizer adds to ``keras.optimizers.Optimizer``:
     a memory report and a state restore that refuses mismatched state.
 
     Subclasses fill ``self._memory_rows`` (one ``memory.variable_row`` dict
-    per model variable) in ``build()``.
+    per model variable) in ``build()``, after ``_check_variables``.
     """
+
+    def __init__(self, learning_rate, **kwargs):
+        if isinstance(learning_rate, numbers.Real):
+            check_number("learning_rate", learning_rate, 0.0)
+        super().__init__(learning_rate=learning_rate, **kwargs)
+
+    def _check_variables(self, var_list):
+        for var in var_list:
+            if not keras.backend.is_float_dtype(var.dtype):
+                raise TypeError(
+                    f"{type(self).__name__} updates floating-point variables only; "
+                    f"variable {var.path!r} has dtype {var.dtype}."
+                )
 
     def memory_report(self):
         """Per-variable optimizer-state memory against the exact optimizer."""
@@ -64,11 +92,11 @@ class CompressedStateMixin:
 
         Keras unscales gradients with ``g / loss_scale_factor``, a TypeError
         for ``tf.IndexedSlices``; they are wrapped so the division keeps them
-        sparse (see ``state_spec.SparseUnscale``).
+        sparse (see ``SparseUnscale``).
         """
         if self.loss_scale_factor is not None:
             grads = [
-                state_spec.SparseUnscale(g.values, g.indices, g.dense_shape)
+                SparseUnscale(g.values, g.indices, g.dense_shape)
                 if isinstance(g, tf.IndexedSlices)
                 else g
                 for g in grads
@@ -168,8 +196,6 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        if isinstance(learning_rate, numbers.Real):
-            check_number("learning_rate", learning_rate, 0.0)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.depth = check_int("depth", depth, 1, MAX_DEPTH)
         self.compression = float(check_number("compression", compression, 0.0, 1.0, low_open=True))
@@ -198,12 +224,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        for var in var_list:
-            if not keras.backend.is_float_dtype(var.dtype):
-                raise TypeError(
-                    f"keras_sketch optimizers update floating-point variables only; "
-                    f"variable {var.path!r} has dtype {var.dtype}."
-                )
+        self._check_variables(var_list)
         super().build(var_list)
         self._layouts, self._slots, self._memory_rows = [], [], []
         for index, var in enumerate(var_list):

@@ -19,8 +19,6 @@ maxima with them is harmless.  With ``momentum`` the momentum of untouched
 rows still moves them, so a sparse step then updates the whole variable.
 """
 
-import numbers
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -58,8 +56,6 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
     """
 
     def __init__(self, learning_rate=0.1, variant="II", momentum=0.0, beta_2=None, epsilon=0.0, name="sm3", **kwargs):
-        if isinstance(learning_rate, numbers.Real):
-            check_number("learning_rate", learning_rate, 0.0)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
@@ -71,9 +67,7 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
-        for var in var_list:
-            if not keras.backend.is_float_dtype(var.dtype):
-                raise TypeError(f"SM3 updates floating-point variables only; {var.path!r} has dtype {var.dtype}.")
+        self._check_variables(var_list)
         super().build(var_list)
         self._covers, self._momenta, self._memory_rows = [], [], []
         for var in var_list:

@@ -141,18 +141,3 @@ class StateSpecCheck(tf.train.experimental.PythonState):
         error = mismatch(self._name, json.loads(string_value), self._spec)
         if error:
             raise ValueError(error)
-
-
-class SparseUnscale(tf.IndexedSlices):
-    """An ``IndexedSlices`` that Keras's ``apply`` can unscale with ``/``.
-
-    ``keras.optimizers.Optimizer.apply`` divides every gradient by
-    ``loss_scale_factor`` with ``g / scale``, which ``tf.IndexedSlices`` does
-    not support (TypeError).  Sparse gradients are wrapped in this class, whose
-    division returns a plain ``IndexedSlices`` with divided values: the rows
-    stay sparse.
-    """
-
-    def __truediv__(self, scale):
-        values = self.values / tf.cast(scale, self.values.dtype)
-        return tf.IndexedSlices(values, self.indices, self.dense_shape)
