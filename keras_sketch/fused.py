@@ -123,17 +123,11 @@ def check_request(fused):
 
 
 def _optimizer_kind(optimizer):
-    from keras_sketch.optimizers.adagrad import CSAdagrad
-    from keras_sketch.optimizers.adam import CSAdam
-    from keras_sketch.optimizers.momentum import CSMomentum
-    from keras_sketch.optimizers.rmsprop import CSRMSprop
-
-    for cls, kind in ((CSAdam, "adam"), (CSAdagrad, "adagrad"), (CSMomentum, "momentum"),
-                      (CSRMSprop, "rmsprop")):
-        if isinstance(optimizer, cls):
-            # A subclass with other update math cannot use the C++ copy of it.
-            return kind if type(optimizer)._step is cls._step else None
-    return None
+    """The op's name for the optimizer's math (its ``_fused_kind``), or None."""
+    owner = next((c for c in type(optimizer).__mro__ if "_fused_kind" in vars(c)), None)
+    if owner is None or type(optimizer)._step is not owner._step:
+        return None  # a subclass with other update math cannot use the C++ copy of it
+    return owner._fused_kind
 
 
 def fused_reason(optimizer, layout, variable):
@@ -172,35 +166,13 @@ def log_choice(optimizer, variable, use, reason):
 
 
 def _coefficients(optimizer, slots, lr, t):
-    """``(kind, coefs, nesterov)``: the op's optimizer scalars and per-slot
-    ``decay, scale, decay - 1``, computed as the ``_step`` methods do."""
-    kind = _optimizer_kind(optimizer)
+    """``(kind, coefs, nesterov)``: the optimizer's scalars, then per slot (in
+    state order) ``decay, scale, decay - 1``, from its ``_fused_coefficients``."""
+    head, rules, nesterov = optimizer._fused_coefficients(lr, t)
+    per = [c for name in slots for c in (rules[name][0], rules[name][1], rules[name][0] - 1.0)]
     dtype = lr.dtype
-
-    def slot(decay, scale):
-        return [decay, scale, decay - 1.0]
-
-    nesterov = False
-    if kind == "adam":
-        b1 = tf.pow(tf.cast(optimizer.beta_1, dtype), t)
-        b2 = tf.pow(tf.cast(optimizer.beta_2, dtype), t)
-        head = [lr * tf.sqrt(1.0 - b2) / (1.0 - b1), optimizer.epsilon]
-        per = []
-        if "m" in slots:
-            per += slot(optimizer.beta_1, 1.0 - optimizer.beta_1)
-        per += slot(optimizer.beta_2, 1.0 - optimizer.beta_2)
-    elif kind == "adagrad":
-        head, per = [lr, optimizer.epsilon], slot(1.0, 1.0)
-    elif kind == "momentum":
-        head, per = [lr, optimizer.momentum], slot(optimizer.momentum, 1.0)
-        nesterov = optimizer.nesterov
-    else:  # rmsprop
-        head = [lr, optimizer.epsilon]
-        per = slot(optimizer.rho, 1.0 - optimizer.rho)
-        if "m" in slots:
-            per += slot(optimizer.momentum, 1.0)
     values = [tf.cast(v, dtype) for v in head] + [tf.constant(v, dtype) for v in per]
-    return kind, tf.stack(values), nesterov
+    return _optimizer_kind(optimizer), tf.stack(values), nesterov
 
 
 def _operands(optimizer, slots, lr, t):

@@ -39,6 +39,11 @@ class CSAdagrad(SketchOptimizer):
         v = state.accumulate("v", g * g, decay=1.0)
         return lr * g / tf.sqrt(v + self.epsilon)
 
+    _fused_kind = "adagrad"
+
+    def _fused_coefficients(self, lr, t):
+        return [lr, self.epsilon], {"v": (1.0, 1.0)}, False
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -31,6 +31,7 @@ class CSAdam(SketchOptimizer):
     """
 
     _exact_slot_count = 2
+    _fused_kind = "adam"
 
     def __init__(
         self,
@@ -58,10 +59,17 @@ class CSAdam(SketchOptimizer):
     def _step(self, g, state, lr, t):
         m = state.ema("m", g, self.beta_1) if self.beta_1 > 0 else g
         v = state.ema("v", g * g, self.beta_2)
-        beta_1_power = tf.pow(tf.cast(self.beta_1, g.dtype), t)
-        beta_2_power = tf.pow(tf.cast(self.beta_2, g.dtype), t)
-        alpha = lr * tf.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
-        return alpha * m / (tf.sqrt(v) + self.epsilon)
+        return self._step_size(lr, t) * m / (tf.sqrt(v) + self.epsilon)
+
+    def _step_size(self, lr, t):
+        """``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``: Keras's bias correction."""
+        beta_1_power = tf.pow(tf.cast(self.beta_1, lr.dtype), t)
+        beta_2_power = tf.pow(tf.cast(self.beta_2, lr.dtype), t)
+        return lr * tf.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
+
+    def _fused_coefficients(self, lr, t):
+        slots = {"m": (self.beta_1, 1.0 - self.beta_1), "v": (self.beta_2, 1.0 - self.beta_2)}
+        return [self._step_size(lr, t), self.epsilon], slots, False
 
     def get_config(self):
         config = super().get_config()

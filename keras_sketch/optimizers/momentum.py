@@ -33,6 +33,11 @@ class CSMomentum(SketchOptimizer):
         m = state.accumulate("m", g, decay=self.momentum)
         return lr * (g + self.momentum * m if self.nesterov else m)
 
+    _fused_kind = "momentum"
+
+    def _fused_coefficients(self, lr, t):
+        return [lr, self.momentum], {"m": (self.momentum, 1.0)}, self.nesterov
+
     def get_config(self):
         config = super().get_config()
         config.update({"momentum": self.momentum, "nesterov": self.nesterov})

@@ -55,6 +55,11 @@ class CSRMSprop(SketchOptimizer):
             return state.accumulate("m", increment, decay=self.momentum)
         return increment
 
+    _fused_kind = "rmsprop"
+
+    def _fused_coefficients(self, lr, t):
+        return [lr, self.epsilon], {"v": (self.rho, 1.0 - self.rho), "m": (self.momentum, 1.0)}, False
+
     def get_config(self):
         config = super().get_config()
         config.update(
