@@ -12,7 +12,8 @@ OUTPUT_DIR = Path(__file__).resolve().parent / "output"
 def make_optimizer(name, lr, clipnorm=None, **sketch):
     """``adam``, ``rmsprop``, ``adafactor`` (Keras) or ``csadam``, ``csadam-mv``
     (both moments sketched), ``csadam-v0`` (no 1st moment), ``csrmsprop``,
-    ``csadagrad`` (keras_sketch; ``sketch`` are their sketch arguments)."""
+    ``csadagrad`` (keras_sketch).  ``sketch`` are keras_sketch's sketch
+    arguments; Keras's optimizers have none and ignore them."""
     import keras
 
     import keras_sketch

@@ -145,7 +145,6 @@ def build_model(args):
 
 
 def evaluate(model, x, y, batch=500):
-    import numpy as np
     import tensorflow as tf
 
     top1 = top10 = 0
@@ -188,9 +187,7 @@ def main(argv=None):
         name, _, comp = spec.partition("@")
         keras.utils.set_random_seed(args.seed)
         model = build_model(args)
-        exact = name in ("adam", "rmsprop", "adafactor")
-        sketch = {} if exact else dict(compression=float(comp or args.compression), min_rows=args.min_rows)
-        optimizer = make_optimizer(name, args.lr, **sketch)
+        optimizer = make_optimizer(name, args.lr, compression=float(comp or args.compression), min_rows=args.min_rows)
         model.compile(optimizer=optimizer)
         recorder = loss_recorder()
         print(f"\n== {spec} ==")

@@ -115,9 +115,7 @@ def main(argv=None):
     for name in args.optimizers.split(","):
         keras.utils.set_random_seed(args.seed)
         model = build_cnn(x.shape[1:], n_classes)
-        exact = name in ("adam", "rmsprop", "adafactor")
-        optimizer = make_optimizer(name, args.lr,
-                                   **({} if exact else dict(compression=args.compression, min_rows=args.min_rows)))
+        optimizer = make_optimizer(name, args.lr, compression=args.compression, min_rows=args.min_rows)
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
         recorder = loss_recorder()

@@ -89,8 +89,7 @@ def main(argv=None):
     for name in args.optimizers.split(","):
         keras.utils.set_random_seed(args.seed)
         model = build_lm(len(vocab), embed, args.hidden, layers=args.layers, dropout=args.dropout, steps=args.bptt)
-        optimizer = make_optimizer(name, args.lr, args.clipnorm, **({} if name in ("adam", "rmsprop", "adafactor")
-                                                                     else sketch))
+        optimizer = make_optimizer(name, args.lr, args.clipnorm, **sketch)
         model.compile(optimizer=optimizer, loss=lm_loss())
         recorder = loss_recorder()
         callbacks = [recorder]
