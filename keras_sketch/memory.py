@@ -1,35 +1,52 @@
 """Optimizer-state memory report: what each variable's state costs."""
 
 import numpy as np
+import tensorflow as tf
+
+from keras_sketch.sketch import EXACT
+from keras_sketch.tf_internals import variable_path
 
 
 def _nbytes(shape, dtype):
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(str(dtype)).itemsize
+    return int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
 
 
-def variable_row(var, layout, slots, params, exact_slot_count):
-    """One report row: the state of ``var`` against the exact optimizer's."""
+def itemsize(dtype):
+    """Bytes per element of a Keras dtype string or a ``tf.DType``."""
+    return tf.as_dtype(dtype).size
+
+
+def variable_row(var, var_plan, slots, params, exact_slot_count):
+    """One report row: the state of ``var`` (built from ``var_plan``, a
+    ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
     states = {name: (slot.kind, tuple(int(s) for s in slot.table.shape)) for name, slot in slots.items()}
     state_bytes = sum(_nbytes(slot.table.shape, slot.table.dtype) for slot in slots.values())
     if params is not None:
         state_bytes += _nbytes(params.shape, "int64")
-    sketched = any(slot.kind != "exact" and not slot.identity for slot in slots.values())
     return {
-        "variable": var.path,
+        "variable": variable_path(var),
         "shape": tuple(int(s) for s in var.shape),
-        "mode": "sketched" if sketched else "exact",
-        "hashed_axis": ("last" if layout.transpose else "first") if sketched else None,
+        "mode": "sketched" if var_plan.sketched else "exact",
+        "hashed_axis": var_plan.hashed_axis,
         "states": states,
+        "dropped": list(var_plan.dropped),
+        "path": var_plan.path,
+        "sparse_path": var_plan.sparse_path,
         "state_bytes": state_bytes,
         "exact_optimizer_bytes": exact_slot_count * _nbytes(var.shape, var.dtype),
     }
 
 
 class MemoryReport:
-    """Rows (dicts) per variable plus totals; ``str()`` prints a table."""
+    """Rows (dicts) per variable plus totals; ``str()`` prints a table.
 
-    def __init__(self, rows):
+    ``state_budget`` is the optimizer's budget (a fraction of the exact
+    optimizer's state bytes), or None.
+    """
+
+    def __init__(self, rows, state_budget=None):
         self.rows = list(rows)
+        self.state_budget = state_budget
 
     @property
     def state_bytes(self):
@@ -50,24 +67,32 @@ class MemoryReport:
             "state_bytes": self.state_bytes,
             "exact_optimizer_bytes": self.exact_optimizer_bytes,
             "ratio": self.ratio,
+            "state_budget": self.state_budget,
         }
 
     def __str__(self):
-        header = f"{'variable':<40} {'shape':>16} {'mode':>8} {'state':>28} {'bytes':>12} {'exact opt.':>12}"
+        header = (
+            f"{'variable':<36} {'shape':>14} {'mode':>8} {'state':>30} {'bytes':>12} "
+            f"{'exact opt.':>12}  path"
+        )
         lines = [header, "-" * len(header)]
         for r in self.rows:
             states = ", ".join(
-                f"{name}:{'x'.join(map(str, shape))}" + ("" if kind == "exact" else f"({kind.replace('count_', 'c')})")
+                f"{name}:{'x'.join(map(str, shape))}" + ("" if kind == EXACT else f"({kind.replace('count_', 'c')})")
                 for name, (kind, shape) in r["states"].items()
             )
+            if r.get("dropped"):
+                states += " (no " + ",".join(r["dropped"]) + ")"
             lines.append(
-                f"{r['variable'][-40:]:<40} {'x'.join(map(str, r['shape'])) or 'scalar':>16} "
-                f"{r['mode']:>8} {states:>28} {r['state_bytes']:>12,} {r['exact_optimizer_bytes']:>12,}"
+                f"{r['variable'][-36:]:<36} {'x'.join(map(str, r['shape'])) or 'scalar':>14} "
+                f"{r['mode']:>8} {states:>30} {r['state_bytes']:>12,} {r['exact_optimizer_bytes']:>12,}  "
+                f"{r.get('path', '')}"
             )
         lines.append("-" * len(header))
+        budget = "" if self.state_budget is None else f"; budget {self.state_budget:g}"
         lines.append(
-            f"{'total':<40} {'':>16} {'':>8} {'':>28} {self.state_bytes:>12,} "
-            f"{self.exact_optimizer_bytes:>12,}  ({self.ratio:.1%} of the exact optimizer)"
+            f"{'total':<36} {'':>14} {'':>8} {'':>30} {self.state_bytes:>12,} "
+            f"{self.exact_optimizer_bytes:>12,}  ({self.ratio:.2%} of the exact optimizer{budget})"
         )
         return "\n".join(lines)
 
@@ -78,7 +103,7 @@ def keras_state_bytes(optimizer):
     """State bytes of any built Keras optimizer (its variables but the counters)."""
     total = 0
     for v in optimizer.variables:
-        if v.path.endswith("iteration") or v.path.endswith("learning_rate"):
+        if variable_path(v).endswith(("iteration", "learning_rate")):
             continue
         total += _nbytes(v.shape, v.dtype)
     return total

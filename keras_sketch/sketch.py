@@ -26,9 +26,10 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.state import in_xla_context, tf_variable
+from keras_sketch.tf_internals import in_xla_context, tf_variable
 
 PRIME = 2**31 - 1
+EXACT = "exact"  # full-size state (keras_sketch.state.ExactState)
 COUNT_SKETCH = "count_sketch"
 COUNT_MIN = "count_min"
 KINDS = (COUNT_SKETCH, COUNT_MIN)

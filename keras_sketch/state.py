@@ -17,37 +17,17 @@ gradient, and is decided here once for all optimizers:
   LazyAdam and PyTorch's SparseAdam).
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
 
-
-def in_xla_context():
-    """Whether the op being traced will be compiled by XLA (``jit_compile``)."""
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
-
-
-def tf_variable(variable):
-    """The ``tf.Variable`` behind a ``keras.Variable`` (or the variable itself).
-
-    Under ``tf.distribute`` (Mirrored, MultiWorkerMirrored) the optimizer's
-    state variables are distributed variables, which lack ``scatter_nd_*``;
-    inside ``strategy.extended.update`` (where Keras runs ``update_step`` once
-    per device) this returns the current device's component, which the
-    same update keeps in sync with the others.
-    """
-    variable = variable.value if isinstance(variable, keras.Variable) else variable
-    if hasattr(variable, "_get_on_device_or_primary"):
-        variable = variable._get_on_device_or_primary()
-    return variable
+from keras_sketch.sketch import EXACT
+from keras_sketch.tf_internals import in_xla_context, tf_variable
 
 
 class ExactState:
     """Full-size state ``[rows, dim]``: the same interface as ``Sketch``."""
 
-    kind = "exact"
+    kind = EXACT
     identity = True
 
     def __init__(self, variable):
@@ -95,30 +75,37 @@ class Rows:
         self.mask = mask  # float [k, 1]
 
 
-def merge_duplicates(ids, values):
+def merge_duplicates(ids, values, keep=None):
     """Sums the values of repeated ids.
 
     Returns ``(unique_ids, summed_values, valid)``.  Outside XLA this is
-    ``tf.unique`` (length = number of unique ids, all valid).  Under XLA
-    (``jit_compile``, TPUs) shapes stay static: each output has the input's
-    length ``k``, the first ``n_unique`` entries are the unique ids in
-    ascending order, the rest padding with id 0, zero values and ``valid``
-    False.
+    ``tf.unique`` (length = number of unique ids).  Under XLA (``jit_compile``,
+    TPUs) shapes stay static: each output has the input's length ``k``, the
+    first ``n_unique`` entries are the unique ids in ascending order, the
+    rest padding with id 0, zero values and ``valid`` False.  ``keep``
+    (bool ``[k]``, optional) marks entries left out of the step
+    (``keras_sketch.guard``): an id none of whose entries is kept is not
+    valid; its values must already be zero.
     """
     ids = tf.cast(ids, tf.int64)
+    keep = tf.ones(tf.shape(ids), tf.bool) if keep is None else keep
     if not in_xla_context():
         unique, position = tf.unique(ids)
-        summed = tf.math.unsorted_segment_sum(values, position, tf.shape(unique)[0])
-        return unique, summed, tf.ones_like(unique, dtype=tf.bool)
+        n = tf.shape(unique)[0]
+        summed = tf.math.unsorted_segment_sum(values, position, n)
+        valid = tf.math.unsorted_segment_max(tf.cast(keep, tf.int32), position, n) > 0
+        return unique, summed, valid
     k = tf.shape(ids)[0]
     order = tf.argsort(ids, stable=True)
     ids = tf.gather(ids, order)
     values = tf.gather(values, order)
+    keep = tf.gather(keep, order)
     first = tf.concat([tf.ones([1], tf.bool), ids[1:] != ids[:-1]], axis=0)[:k]
     segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
     summed = tf.math.unsorted_segment_sum(values, segment, k)
     unique = tf.math.unsorted_segment_max(ids, segment, k)
-    valid = tf.range(k) < tf.reduce_sum(tf.cast(first, tf.int32))
+    kept = tf.math.unsorted_segment_max(tf.cast(keep, tf.int32), segment, k) > 0
+    valid = (tf.range(k) < tf.reduce_sum(tf.cast(first, tf.int32))) & kept
     unique = tf.where(valid, unique, tf.zeros_like(unique))
     return unique, summed, valid
 
@@ -145,6 +132,10 @@ class StepState:
     def __init__(self, slots, rows=None):
         self.slots = slots
         self.rows = rows
+
+    def has(self, name):
+        """Whether the variable keeps slot ``name`` (``state_budget`` may drop one)."""
+        return name in self.slots
 
     def accumulate(self, name, x, decay, scale=1.0):
         return accumulate(self.slots[name], x, decay, scale, self.rows)

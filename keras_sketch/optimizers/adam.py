@@ -56,20 +56,23 @@ class CSAdam(SketchOptimizer):
         slots["v"] = (COUNT_MIN, 0.0)
         return slots
 
-    def _step(self, g, state, lr, t):
-        m = state.ema("m", g, self.beta_1) if self.beta_1 > 0 else g
-        v = state.ema("v", g * g, self.beta_2)
-        return self._step_size(lr, t) * m / (tf.sqrt(v) + self.epsilon)
+    # state_budget may run Adam without its 1st moment (then m = g, beta_1 = 0).
+    _droppable_slots = ("m",)
 
-    def _step_size(self, lr, t):
+    def _step(self, g, state, lr, t):
+        m = state.ema("m", g, self.beta_1) if state.has("m") else g
+        v = state.ema("v", g * g, self.beta_2)
+        return self._step_size(lr, t, state.has("m")) * m / (tf.sqrt(v) + self.epsilon)
+
+    def _step_size(self, lr, t, first_moment=True):
         """``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``: Keras's bias correction."""
-        beta_1_power = tf.pow(tf.cast(self.beta_1, lr.dtype), t)
+        beta_1_power = tf.pow(tf.cast(self.beta_1 if first_moment else 0.0, lr.dtype), t)
         beta_2_power = tf.pow(tf.cast(self.beta_2, lr.dtype), t)
         return lr * tf.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
 
     def _fused_coefficients(self, lr, t):
         slots = {"m": (self.beta_1, 1.0 - self.beta_1), "v": (self.beta_2, 1.0 - self.beta_2)}
-        return [self._step_size(lr, t), self.epsilon], slots, False
+        return [self._step_size(lr, t, "m" not in self.dropped_slots), self.epsilon], slots, False
 
     def get_config(self):
         config = super().get_config()

@@ -6,29 +6,38 @@ This class decides, in one place (``update_step``), which path a step takes:
 row-sparse for ``tf.IndexedSlices`` gradients, dense otherwise.
 """
 
+import dataclasses
 import logging
+import math
 import numbers
+import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_sketch.tf_internals import variable_path
+
 from keras_sketch import fused as fused_op
-from keras_sketch import memory
-from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, Sketch, hash_params, sketch_width
-from keras_sketch.state import ExactState, Layout, Rows, StepState, merge_duplicates
+from keras_sketch import guard, memory, plan
+from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
+from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
+from keras_sketch.tf_internals import in_xla_context, variable_path
 from keras_sketch.optimizers import state_spec
 
-EXACT = "exact"
 HASH_AXES = ("auto", "first", "last")
 MAX_DEPTH = 8
+MAX_SEED = 2**32 - 1  # the hashes' generator takes the seed's 32 bits
 log = logging.getLogger("keras_sketch")
 
 
 def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    """Raises ``ValueError`` naming ``name`` unless ``value`` is in range."""
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is a finite
+    number in range (``TypeError`` unless it is a number at all)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
@@ -43,6 +52,13 @@ def check_int(name, value, low, high=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {value!r}.")
     return int(check_number(name, value, low, high))
+
+
+def check_bool(name, value):
+    """Booleans must be booleans: ``nesterov='no'`` is not ``True``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
 
 
 class SparseUnscale(tf.IndexedSlices):
@@ -78,30 +94,35 @@ class CompressedStateMixin:
             if not keras.backend.is_float_dtype(var.dtype):
                 raise TypeError(
                     f"{type(self).__name__} updates floating-point variables only; "
-                    f"variable {var.path!r} has dtype {var.dtype}."
+                    f"variable {variable_path(var)!r} has dtype {var.dtype}."
                 )
 
     def memory_report(self):
         """Per-variable optimizer-state memory against the exact optimizer."""
         if not self.built:
             raise ValueError("The optimizer is not built yet: call `build(variables)` or train first.")
-        return memory.MemoryReport(self._memory_rows)
+        return memory.MemoryReport(self._memory_rows, getattr(self, "state_budget", None))
 
     def apply(self, grads, trainable_variables=None):
-        """``keras.optimizers.Optimizer.apply``, with sparse loss unscaling.
-
-        Keras unscales gradients with ``g / loss_scale_factor``, a TypeError
-        for ``tf.IndexedSlices``; they are wrapped so the division keeps them
-        sparse (see ``SparseUnscale``).
+        """``keras.optimizers.Optimizer.apply``, after validating every
+        gradient against its variable (``keras_sketch.guard``: an invalid
+        step raises before any variable is written), with sparse loss
+        unscaling: Keras unscales gradients with ``g / loss_scale_factor``,
+        a TypeError for ``tf.IndexedSlices``; they are wrapped so the
+        division keeps them sparse (see ``SparseUnscale``).
         """
-        if self.loss_scale_factor is not None:
-            grads = [
-                SparseUnscale(g.values, g.indices, g.dense_shape)
-                if isinstance(g, tf.IndexedSlices)
-                else g
-                for g in grads
-            ]
-        return super().apply(grads, trainable_variables)
+        grads = list(grads)
+        variables = trainable_variables if trainable_variables is not None else self._trainable_variables
+        checks = [c for c in guard.check_gradients(grads, list(variables or [])) if c is not None]
+        with tf.control_dependencies(checks):  # every op of the step runs after them
+            if self.loss_scale_factor is not None:
+                grads = [
+                    SparseUnscale(g.values, g.indices, g.dense_shape)
+                    if isinstance(g, tf.IndexedSlices)
+                    else g
+                    for g in grads
+                ]
+            return super().apply(grads, trainable_variables)
 
     def _track_state_spec(self):
         """Call at the end of ``build()``: checkpoints then save the state spec
@@ -109,39 +130,57 @@ class CompressedStateMixin:
         self._keras_sketch_state_spec = state_spec.StateSpecCheck(self)
 
     def save_own_variables(self, store):
+        """Keras's variables, plus the state spec with a checksum of every
+        state variable (``.weights.h5`` files have no checksum of their own)."""
         super().save_own_variables(store)
-        store[state_spec.SPEC_KEY] = state_spec.encode(state_spec.state_spec(self))
+        spec = state_spec.state_spec(self)
+        spec["checksum"] = _checksum(np.asarray(v) for v in self.variables)
+        store[state_spec.SPEC_KEY] = state_spec.encode(spec)
 
     def load_own_variables(self, store):
-        """Restores the state; refuses state saved with other sketch settings.
+        """Restores the state; refuses state saved with other sketch settings,
+        by another optimizer, or corrupted since it was saved.
 
         Keras's base class warns and skips loading when the number of
         variables differs, which would silently drop trained state.
         """
         keys = [k for k in store.keys() if k != state_spec.SPEC_KEY]
-        saved = [store[str(i)] for i in range(len(keys))]
+        saved = [np.asarray(store[str(i)]) for i in range(len(keys))]
         ours = self.variables
-        if state_spec.SPEC_KEY in store.keys():
-            error = state_spec.mismatch(
-                self.name, state_spec.decode(store[state_spec.SPEC_KEY]), state_spec.state_spec(self)
+        if state_spec.SPEC_KEY not in store.keys():
+            raise ValueError(
+                f"Cannot load the state of optimizer {self.name!r} ({type(self).__name__}): the "
+                f"saved optimizer state ({len(saved)} variables) has no keras_sketch state spec, so "
+                "it was saved by another optimizer (e.g. keras.optimizers.Adam). Optimizer state "
+                "does not carry over between optimizers: compile with the saved optimizer, or "
+                "load the model weights only (`load_weights(..., skip_mismatch=True)` / "
+                "`compile=False`) and start the optimizer afresh."
             )
-            if error:
-                raise ValueError(error)
+        saved_spec = state_spec.decode(store[state_spec.SPEC_KEY])
+        error = state_spec.mismatch(self.name, saved_spec, state_spec.state_spec(self))
+        if error:
+            raise ValueError(error)
         if len(saved) != len(ours):
             raise ValueError(
                 f"Cannot load the state of optimizer {self.name!r}: it has {len(ours)} "
                 f"variables but the saved state has {len(saved)}. The saved optimizer was "
                 "built with other sketch settings (depth, width, compression, min_rows, "
-                "hash_axis, momentum options) or for other model variables."
+                "hash_axis, state_budget, momentum options) or for other model variables."
             )
         for var, value in zip(ours, saved):
-            if tuple(var.shape) != tuple(np.shape(value)):
+            if tuple(var.shape) != tuple(value.shape) or tf.as_dtype(var.dtype).as_numpy_dtype != value.dtype:
                 raise ValueError(
                     f"Cannot load the state of optimizer {self.name!r}: variable "
-                    f"{var.path!r} has shape {tuple(var.shape)} but the saved one has "
-                    f"{tuple(np.shape(value))}. The saved optimizer used other sketch "
-                    "settings (depth, width, compression or hash_axis)."
+                    f"{variable_path(var)!r} is {tuple(var.shape)} {var.dtype} but the saved one is "
+                    f"{tuple(value.shape)} {value.dtype}. The saved optimizer used other settings "
+                    "(depth, width, compression, hash_axis or state_budget) or another dtype."
                 )
+        if "checksum" in saved_spec and saved_spec["checksum"] != _checksum(saved):
+            raise ValueError(
+                f"Cannot load the state of optimizer {self.name!r}: the saved optimizer state is "
+                "corrupted (its checksum does not match the one written when it was saved). "
+                "Nothing was loaded."
+            )
         for var, value in zip(ours, saved):
             var.assign(value)
 
@@ -193,6 +232,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         cleaning_factor=1.0,
         cleaning_interval=0,
         fused=None,
+        state_budget=None,
         name=None,
         **kwargs,
     ):
@@ -204,10 +244,24 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         if hash_axis not in HASH_AXES:
             raise ValueError(f"`hash_axis` must be one of {HASH_AXES}, got {hash_axis!r}.")
         self.hash_axis = hash_axis
-        self.seed = check_int("seed", seed, -(2**63))
+        self.seed = check_int("seed", seed, 0, MAX_SEED)
         self.cleaning_factor = float(check_number("cleaning_factor", cleaning_factor, 0.0, 1.0))
         self.cleaning_interval = check_int("cleaning_interval", cleaning_interval, 0)
+        self.state_budget = None if state_budget is None else float(
+            check_number("state_budget", state_budget, 0.0, 1.0, low_open=True)
+        )
+        if self.state_budget is not None:
+            chosen = {"compression": compression != 0.2, "width": width is not None,
+                      "min_rows": min_rows != 4096, "hash_axis": hash_axis != "first"}
+            for arg, given in chosen.items():
+                if given:
+                    raise ValueError(
+                        f"`{arg}` cannot be combined with `state_budget`: the budget's planner "
+                        "chooses what to sketch, along which axis and how wide. Pass one or the other."
+                    )
         self._warned_densify = set()
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"`fused` must be None, True or False, got {fused!r}.")
         self.fused = fused_op.check_request(fused)
 
     # -- to be provided by subclasses ------------------------------------------
@@ -221,83 +275,89 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------
+    # Slots the update math can run without (``state_budget`` drops them first).
+    _droppable_slots = ()
+
     def build(self, var_list):
         if self.built:
             return
         self._check_variables(var_list)
         super().build(var_list)
+        self._plans = [
+            dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), fused_op.fused_reason(self, p.layout, v))))
+            for p, v in zip(self._make_plans(var_list), var_list)
+        ]
+        self.dropped_slots = tuple(sorted({n for p in self._plans for n in p.dropped}))
         self._layouts, self._slots, self._memory_rows = [], [], []
-        for index, var in enumerate(var_list):
-            self._build_variable_state(index, var)
+        for index, (var, var_plan) in enumerate(zip(var_list, self._plans)):
+            fused_op.log_choice(self, var, var_plan.fused, var_plan.fused_reason)
+            self._build_variable_state(index, var, var_plan)
         self._track_state_spec()
 
-    def _choose_layout(self, shape):
-        """The 2-D view of a variable and whether it is sketched."""
-        layout = Layout(shape)
-        if len(shape) < 2:
-            return layout, False
-        transpose = self.hash_axis == "last" or (self.hash_axis == "auto" and layout.dim > layout.rows)
-        hashed = Layout(shape, transpose=True) if transpose else layout
-        if hashed.rows >= max(self.min_rows, 1):
-            return hashed, True
-        return layout, False  # exact state keeps the untransposed view: sparse rows stay sparse
-
-    def _sketch_shape(self, rows):
-        width = self.width or sketch_width(rows, self.depth, self.compression)
-        if width >= rows:
-            return 1, rows  # identity: lossless
-        return self.depth, width
-
-    def _build_variable_state(self, index, var):
-        layout, sketched = self._choose_layout(var.shape)
+    def _make_plans(self, var_list):
+        """Every variable's ``plan.VariablePlan``: the one place that decides."""
         kinds = self._slot_kinds()
-        sketched = sketched and any(kind != EXACT for kind, _ in kinds.values())
+        if self.state_budget is None:
+            return [
+                plan.rule_plan(v.shape, kinds, self.depth, self.compression, self.width,
+                               self.min_rows, self.hash_axis)
+                for v in var_list
+            ]
+        return plan.budget_plans(
+            [tuple(v.shape) for v in var_list],
+            [memory.itemsize(v.dtype) for v in var_list],
+            kinds, self._droppable_slots, self._exact_slot_count, self.state_budget, self.depth,
+        )
+
+    def _build_variable_state(self, index, var, var_plan):
+        """Creates the state variables ``var_plan`` lists."""
+        layout, name = var_plan.layout, _clean(var)
         params = None
-        depth, width = self._sketch_shape(layout.rows) if sketched else (1, layout.rows)
-        if sketched:
-            values = hash_params(self.seed, index, depth)
+        if var_plan.hashed:
+            values = hash_params(self.seed, index, var_plan.depth)
             params = self.add_variable(
                 shape=values.shape,
                 dtype="int64",
                 initializer=lambda shape, dtype=None, v=values: tf.constant(v, tf.int64),
-                name=f"{_clean(var)}_hash",
+                name=f"{name}_hash",
             )
         slots = {}
-        for name, (kind, initial) in kinds.items():
-            init = keras.initializers.Constant(initial)
-            if kind == EXACT or not sketched:
-                table = self.add_variable(
-                    (layout.rows, layout.dim), init, var.dtype, name=f"{_clean(var)}_{name}"
-                )
-                slots[name] = ExactState(table)
+        for slot in var_plan.slots:
+            init = keras.initializers.Constant(slot.initial)
+            if slot.sketched:
+                table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}_sketch")
+                slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
             else:
-                table = self.add_variable(
-                    (depth, width, layout.dim), init, var.dtype, name=f"{_clean(var)}_{name}_sketch"
-                )
-                slots[name] = Sketch(table, params, layout.rows, kind)
+                table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}")
+                slots[slot.name] = ExactState(table)
         self._layouts.append(layout)
         self._slots.append(slots)
         self._memory_rows.append(
-            memory.variable_row(var, layout, slots, params, self._exact_slot_count)
+            memory.variable_row(var, var_plan, slots, params, self._exact_slot_count)
         )
 
     # -- the step --------------------------------------------------------------
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
-        layout, slots = self._layouts[index], self._slots[index]
-        dtype = variable.dtype
+        var_plan, slots = self._plans[index], self._slots[index]
+        layout, dtype = var_plan.layout, variable.dtype
         lr = tf.cast(learning_rate, dtype)
         t = tf.cast(self.iterations + 1, dtype)
         self._maybe_clean(slots)
         if isinstance(gradient, tf.IndexedSlices) and not layout.sparse_rows:
             self._warn_densify(variable)
             gradient = tf.convert_to_tensor(gradient)
-        # The fused C++ op (keras_sketch/fused.py) or the pure-TF math below.
-        fused, reason = fused_op.fused_reason(self, layout, variable)
-        fused_op.log_choice(self, variable, fused, reason)
+        # The plan chose the fused op where it can run; XLA compiles no custom op.
+        fused = var_plan.fused and not in_xla_context()
         if isinstance(gradient, tf.IndexedSlices):
             ids, values = layout.sparse_view(gradient)
-            ids, values, valid = merge_duplicates(ids, tf.cast(values, dtype))
+            values, finite = guard.finite_rows(tf.cast(values, dtype))
+            if in_xla_context():
+                finite = finite & guard.in_range(ids, layout.rows)
+                ids = tf.where(finite, ids, tf.zeros_like(ids))
+            guard.report_dropped(variable, finite)
+            values = values * tf.cast(finite, dtype)[:, None]
+            ids, values, valid = merge_duplicates(ids, values, keep=finite)
             if fused:
                 fused_op.apply_sparse(self, layout, slots, variable, ids, values, valid, lr, t)
                 return
@@ -305,7 +365,8 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             delta = self._step(values, StepState(slots, Rows(ids, mask)), lr, t)
             layout.scatter_sub(variable, ids, mask * delta)
         else:
-            g = layout.view(tf.cast(gradient, dtype))
+            g, finite = guard.finite_rows(layout.view(tf.cast(gradient, dtype)))
+            guard.report_dropped(variable, finite)
             if fused:
                 fused_op.apply_dense(self, layout, slots, variable, g, lr, t)
                 return
@@ -350,12 +411,23 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 "cleaning_factor": self.cleaning_factor,
                 "cleaning_interval": self.cleaning_interval,
                 "fused": self.fused,
+                "state_budget": self.state_budget,
             }
         )
         return config
 
 def _clean(var):
-    return var.path.replace("/", "_").replace(":", "_")
+    return variable_path(var).replace("/", "_").replace(":", "_")
+
+
+def _checksum(arrays):
+    """CRC-32 of the bytes of ``arrays`` in order (as a hex string)."""
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+    return f"{crc:08x}"
+
+
 
 
 def check_beta(name, value):

@@ -23,8 +23,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_sketch.tf_internals import variable_path
+
 from keras_sketch.optimizers.base import CompressedStateMixin, _clean, check_beta, check_number
-from keras_sketch.state import merge_duplicates, tf_variable
+from keras_sketch import guard, memory
+from keras_sketch.state import merge_duplicates
+from keras_sketch.tf_internals import tf_variable, variable_path
 
 VARIANTS = ("I", "II")
 
@@ -90,12 +94,16 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         covers = [tf_variable(c) for c in self._covers[index]]
         dtype = variable.dtype
         lr = tf.cast(learning_rate, dtype)
+        # Containment (keras_sketch.guard): a slice along axis 0 holding a
+        # NaN/Inf counts as a zero gradient, which for SM3 is the same as an
+        # absent row (its sparse step is the dense step with zero rows).
         if isinstance(gradient, tf.IndexedSlices):
-            ids, g, valid = merge_duplicates(gradient.indices, tf.cast(gradient.values, dtype))
+            g = _zero_nonfinite_slices(variable, tf.cast(gradient.values, dtype))
+            ids, g, valid = merge_duplicates(gradient.indices, g)
             nu = self._sparse_accumulate(covers, ids, g)
             rows = ids
         else:
-            g = tf.cast(gradient, dtype)
+            g = _zero_nonfinite_slices(variable, tf.cast(gradient, dtype))
             nu = self._dense_accumulate(covers, g)
             rows = None
         if self.beta_2 is not None:
@@ -178,6 +186,14 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         return config
 
 
+def _zero_nonfinite_slices(variable, g):
+    """``g`` with every axis-0 slice that holds a NaN/Inf set to zero."""
+    flat = tf.reshape(g, [tf.shape(g)[0], -1]) if len(g.shape) >= 1 else tf.reshape(g, [1, 1])
+    flat, finite = guard.finite_rows(flat)
+    guard.report_dropped(variable, finite)
+    return tf.reshape(flat, tf.shape(g))
+
+
 def min_over_covers(covers, rank):
     """``nu[x] = min_i mu_i[x_i]``; ``covers[0]`` may hold gathered rows ``[k]``."""
     out = None
@@ -192,7 +208,7 @@ def min_over_covers(covers, rank):
 def _memory_row(var, covers, momentum):
     """A ``memory.variable_row``-compatible dict (the exact optimizer is AdaGrad,
     one full-size slot, plus a full-size momentum when SM3 keeps one)."""
-    nbytes = lambda v: int(np.prod(v.shape, dtype=np.int64)) * np.dtype(str(v.dtype)).itemsize  # noqa: E731
+    nbytes = lambda v: int(np.prod(v.shape, dtype=np.int64)) * memory.itemsize(v.dtype)  # noqa: E731
     kind = "sm3_cover" if len(covers) > 1 else "exact"
     states = {f"sm3_{i}": (kind, tuple(int(s) for s in c.shape)) for i, c in enumerate(covers)}
     state_bytes = sum(nbytes(c) for c in covers)
@@ -200,7 +216,7 @@ def _memory_row(var, covers, momentum):
         states["m"] = ("exact", tuple(int(s) for s in momentum.shape))
         state_bytes += nbytes(momentum)
     return {
-        "variable": var.path,
+        "variable": variable_path(var),
         "shape": tuple(int(s) for s in var.shape),
         "mode": "covered" if len(covers) > 1 else "exact",
         "hashed_axis": None,

@@ -28,6 +28,8 @@ import json
 import numpy as np
 import tensorflow as tf
 
+from keras_sketch.tf_internals import variable_path
+
 SPEC_KEY = "keras_sketch_state_spec"
 
 # Settings that never change the layout of the state.
@@ -65,9 +67,9 @@ def state_spec(optimizer):
         "class": type(optimizer).__name__,
         "settings": settings,
         "model_variables": [
-            [v.path, [int(s) for s in v.shape]] for v in getattr(optimizer, "_trainable_variables", [])
+            [variable_path(v), [int(s) for s in v.shape]] for v in getattr(optimizer, "_trainable_variables", [])
         ],
-        "state": [[v.path, [int(s) for s in v.shape], str(v.dtype)] for v in optimizer.variables],
+        "state": [[variable_path(v), [int(s) for s in v.shape], str(v.dtype)] for v in optimizer.variables],
     }
 
 

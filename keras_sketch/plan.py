@@ -1,0 +1,205 @@
+"""The plan of one variable's optimizer state, made once at ``build``.
+
+A ``VariablePlan`` says how the state of one model variable is kept (its 2-D
+layout, which slots are exact or sketched and their table shapes, which
+slots were dropped) and which path its steps take (fused C++ op or pure
+TensorFlow; sparse rows or densified).  ``SketchOptimizer.build`` asks this
+module for every variable's plan and builds exactly what it says; the step
+reads the plan; ``memory_report()`` prints it.  Nothing else decides.
+
+Two planners:
+
+* ``rule_plan``: the explicit settings (``depth``, ``compression`` or
+  ``width``, ``min_rows``, ``hash_axis``), variable by variable.
+* ``budget_plans``: ``state_budget=b``.  The state of the whole optimizer
+  may use at most ``b`` times the state bytes of its exact counterpart
+  (Keras's optimizer).  The rules, from the measurements in
+  docs/state_budget.md:
+
+  1. ``b == 1``: everything exact (lossless).
+  2. ``b < 1``: first drop the optimizer's droppable slots (Adam's 1st
+     moment: keeping the 2nd moment exact and dropping the 1st cost 0.6%
+     perplexity on a Transformer LM and nothing on an LSTM LM and a
+     recommender, while sketching the 1st moment cost up to 3.7x).  If the
+     remaining slots fit in exact form, keep them exact.
+  3. Otherwise scalars and vectors stay exact, and every matrix is sketched
+     along its longer axis (``hash_axis="auto"``: the vocabulary of an
+     embedding, the class axis of a softmax kernel), signed slots in a
+     count-sketch, non-negative slots in a count-min sketch, all at one
+     common compression, the largest whose total fits the budget.
+  4. A budget below what width-1 sketches need raises ``ValueError`` naming
+     the smallest feasible budget.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, sketch_width
+from keras_sketch.state import Layout
+
+HASH_PARAM_BYTES = 4 * 8  # one int64 (a, b, c, d) row per depth
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPlan:
+    name: str
+    kind: str  # EXACT, COUNT_SKETCH or COUNT_MIN
+    initial: float
+    shape: tuple  # [rows, dim] exact, [depth, width, dim] sketched
+
+    @property
+    def sketched(self):
+        return self.kind != EXACT
+
+
+@dataclasses.dataclass(frozen=True)
+class VariablePlan:
+    """How one variable's state is kept and updated (see the module doc)."""
+
+    layout: Layout
+    slots: tuple  # of SlotPlan, in the order the update math declares them
+    depth: int = 1
+    width: int = 0  # sketch width; 0 when nothing is sketched
+    dropped: tuple = ()  # names of slots the plan does not keep
+    fused: bool = False
+    fused_reason: str = ""
+
+    @property
+    def hashed(self):
+        """Whether some slot is a sketch table (with hash parameters)."""
+        return any(s.sketched for s in self.slots)
+
+    @property
+    def sketched(self):
+        """Whether some state is compressed (a sketch narrower than the rows)."""
+        return self.hashed and self.width < self.layout.rows
+
+    @property
+    def hashed_axis(self):
+        if not self.sketched:
+            return None
+        return "last" if self.layout.transpose else "first"
+
+    @property
+    def sparse_path(self):
+        """What a ``tf.IndexedSlices`` gradient does on this variable."""
+        if self.layout.sparse_rows:
+            return "sparse rows"
+        return "densified (the sketch hashes the last axis)"
+
+    @property
+    def path(self):
+        """One line for reports: the step's path and, when TF, why."""
+        if self.fused:
+            return "fused op"
+        return f"TF ({self.fused_reason})" if self.fused_reason else "TF"
+
+    def state_bytes(self, itemsize):
+        total = sum(int(np.prod(s.shape)) for s in self.slots) * itemsize
+        return total + (self.depth * HASH_PARAM_BYTES if self.hashed else 0)
+
+
+def _slot_plans(layout, kinds, sketched, depth, width, force_sketch=False):
+    """Slots of one variable: exact ``[rows, dim]``, or ``[depth, width, dim]``
+    sketches for the slots the optimizer declares sketched (with
+    ``force_sketch``, every slot: signed ones in a count-sketch)."""
+    plans = []
+    for name, (kind, initial) in kinds.items():
+        if force_sketch and kind == EXACT:
+            kind = COUNT_SKETCH
+        if sketched and kind != EXACT:
+            plans.append(SlotPlan(name, kind, float(initial), (depth, width, layout.dim)))
+        else:
+            plans.append(SlotPlan(name, EXACT, float(initial), (layout.rows, layout.dim)))
+    return tuple(plans)
+
+
+def _exact_plan(shape, kinds, dropped=()):
+    layout = Layout(shape)
+    return VariablePlan(layout, _slot_plans(layout, kinds, False, 1, 0), dropped=tuple(dropped))
+
+
+def rule_plan(shape, kinds, depth, compression, width, min_rows, hash_axis):
+    """The plan the explicit sketch settings give one variable."""
+    layout = Layout(shape)
+    if len(layout.shape) < 2 or all(kind == EXACT for kind, _ in kinds.values()):
+        return _exact_plan(shape, kinds)
+    transpose = hash_axis == "last" or (hash_axis == "auto" and layout.dim > layout.rows)
+    hashed = Layout(shape, transpose=True) if transpose else layout
+    if hashed.rows < max(min_rows, 1):
+        return _exact_plan(shape, kinds)  # the untransposed view: sparse rows stay sparse
+    w = width or sketch_width(hashed.rows, depth, compression)
+    if w >= hashed.rows:
+        depth, w = 1, hashed.rows  # the identity map: lossless, kept in sketch form
+    return VariablePlan(hashed, _slot_plans(hashed, kinds, True, depth, w), depth=depth, width=w)
+
+
+def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, depth):
+    """Plans for all variables under ``state_budget=budget`` (module doc).
+
+    ``shapes``/``itemsizes`` list the model variables; ``kinds`` is the
+    optimizer's ``{slot: (kind, initial)}``; ``droppable`` the slot names the
+    optimizer can run without.  Returns the plans; raises ``ValueError`` when
+    the budget cannot be met.
+    """
+    exact_bytes = sum(exact_slot_count * _numel(s) * i for s, i in zip(shapes, itemsizes))
+    allowed = budget * exact_bytes
+    if budget >= 1.0:
+        return [_exact_plan(s, kinds) for s in shapes]
+    dropped = tuple(n for n in kinds if n in droppable)
+    kept = {n: k for n, k in kinds.items() if n not in dropped}
+    if not kept:
+        raise ValueError("The optimizer would keep no state at all under `state_budget`.")
+    plans = [_exact_plan(s, kept, dropped) for s in shapes]
+    if sum(p.state_bytes(i) for p, i in zip(plans, itemsizes)) <= allowed:
+        return plans
+
+    matrices = [i for i, s in enumerate(shapes) if len(s) >= 2]
+    fixed = sum(plans[i].state_bytes(itemsizes[i]) for i in range(len(shapes)) if i not in matrices)
+
+    def plans_at(compression):
+        out = list(plans)
+        for i in matrices:
+            hashed = Layout(shapes[i], transpose=_longer_is_last(shapes[i]))
+            w = min(max(1, int(compression * hashed.rows / depth)), hashed.rows)
+            if depth * w >= hashed.rows or w >= hashed.rows:
+                out[i] = plans[i]  # a sketch this wide costs more than the exact slot
+                continue
+            slots = _slot_plans(hashed, kept, True, depth, w, force_sketch=True)
+            out[i] = VariablePlan(hashed, slots, depth=depth, width=w, dropped=dropped)
+        return out
+
+    def cost(candidate):
+        return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
+
+    smallest = plans_at(0.0)
+    if cost(smallest) > allowed:
+        feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
+        raise ValueError(
+            f"`state_budget={budget}` cannot be met: even one-bucket sketches of every matrix "
+            f"and exact state for the {len(shapes) - len(matrices)} scalars/vectors take "
+            f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
+            f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
+        )
+    low, high = 0.0, 1.0
+    for _ in range(60):  # the largest common compression that fits
+        mid = 0.5 * (low + high)
+        if cost(plans_at(mid)) <= allowed:
+            low = mid
+        else:
+            high = mid
+    return plans_at(low)
+
+
+def _numel(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _longer_is_last(shape):
+    layout = Layout(shape)
+    return layout.dim > layout.rows
+
+
+__all__ = ["COUNT_MIN", "COUNT_SKETCH", "EXACT", "SlotPlan", "VariablePlan", "budget_plans", "rule_plan"]

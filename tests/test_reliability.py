@@ -1,0 +1,271 @@
+"""Reliability: non-finite gradients never enter shared state, invalid steps
+write nothing, bad arguments and corrupted or foreign state are refused
+(keras_sketch/guard.py, the optimizers' argument checks, state checksums)."""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sketch
+from keras_sketch import fused
+
+ROWS, DIM = 600, 4
+FUSED = [False] + ([True] if fused.available() else [])
+
+
+def factories(use_fused):
+    """Sketched configurations of every optimizer (depth 3 shares buckets most)."""
+    common = dict(min_rows=16, compression=0.1, fused=use_fused)
+    return {
+        "adam_d3": lambda: keras_sketch.CSAdam(depth=3, **common),
+        "adam_nom": lambda: keras_sketch.CSAdam(beta_1=0.0, **common),
+        "adam_sketch_m": lambda: keras_sketch.CSAdam(first_moment="sketch", depth=3, **common),
+        "adagrad": lambda: keras_sketch.CSAdagrad(depth=3, **common),
+        "rmsprop": lambda: keras_sketch.CSRMSprop(momentum=0.5, first_moment="sketch", **common),
+        "momentum": lambda: keras_sketch.CSMomentum(depth=3, **common),
+        "sm3": lambda: keras_sketch.SM3(learning_rate=0.01),
+    }
+
+
+def make_vars():
+    rng = np.random.default_rng(0)
+    return [
+        tf.Variable(rng.normal(size=(ROWS, DIM)).astype("float32"), name="table"),
+        tf.Variable(rng.normal(size=(DIM,)).astype("float32"), name="bias"),
+    ]
+
+
+def state_arrays(opt, variables):
+    return [v.numpy().copy() for v in variables] + [np.asarray(v).copy() for v in opt.variables]
+
+
+def sparse(ids, values):
+    return tf.IndexedSlices(tf.constant(values, tf.float32), tf.constant(ids, tf.int64), tf.constant([ROWS, DIM], tf.int64))
+
+
+def clean_batch(rng, k=64):
+    ids = rng.integers(0, ROWS, size=k)
+    return ids, rng.normal(size=(k, DIM)).astype("float32")
+
+
+def applier(opt, variables, xla):
+    if xla is None:
+        return lambda grads: opt.apply(grads, variables)
+    fn = tf.function(lambda grads: opt.apply(grads, variables), jit_compile=xla, reduce_retracing=True)
+    return fn
+
+
+@pytest.mark.parametrize("use_fused", FUSED)
+@pytest.mark.parametrize("name", list(factories(False)))
+def test_nan_row_is_contained_and_equals_leaving_it_out(name, use_fused):
+    rng = np.random.default_rng(1)
+    batches = [clean_batch(rng) for _ in range(6)]
+    bad_ids, bad_values = clean_batch(rng)
+    bad_values[5, 2] = np.nan
+    bad_values[9, 0] = np.inf
+    bad_ids[9] = bad_ids[10]  # a duplicate of a clean row: that row still gets its clean part
+    runs = []
+    for leave_out in (False, True):
+        variables = make_vars()
+        opt = factories(use_fused)[name]()
+        step = applier(opt, variables, None)
+        for ids, values in batches:
+            step([sparse(ids, values), tf.zeros([DIM])])
+        if leave_out:
+            keep = np.ones(len(bad_ids), bool)
+            keep[[5, 9]] = False
+            step([sparse(bad_ids[keep], bad_values[keep]), tf.zeros([DIM])])
+        else:
+            step([sparse(bad_ids, bad_values), tf.zeros([DIM])])
+        for ids, values in batches[:2]:
+            step([sparse(ids, values), tf.zeros([DIM])])
+        runs.append(state_arrays(opt, variables))
+    for with_nan, without in zip(*runs):
+        assert np.all(np.isfinite(with_nan))
+        np.testing.assert_allclose(with_nan, without, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adam_d3", "momentum", "sm3"])
+def test_dense_nan_row_counts_as_zero_gradient(name):
+    rng = np.random.default_rng(2)
+    grads = rng.normal(size=(ROWS, DIM)).astype("float32")
+    bad = grads.copy()
+    bad[7, 1] = np.nan
+    zeroed = grads.copy()
+    zeroed[7] = 0.0
+    out = []
+    for g in (bad, zeroed):
+        variables = make_vars()
+        opt = factories(False)[name]()
+        for _ in range(3):
+            opt.apply([tf.constant(g), tf.ones([DIM])], variables)
+        out.append(state_arrays(opt, variables))
+    for a, b in zip(*out):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_xla_path_contains_nan_and_drops_out_of_range_ids():
+    rng = np.random.default_rng(3)
+    ids, values = clean_batch(rng)
+    values[3, 0] = np.nan
+    ids[4] = ROWS + 5
+    keep = np.ones(len(ids), bool)
+    keep[[3, 4]] = False
+    out = []
+    for batch_ids, batch_values in ((ids, values), (ids[keep], values[keep])):
+        variables = make_vars()
+        opt = keras_sketch.CSAdam(depth=3, min_rows=16, compression=0.1)
+        step = applier(opt, variables, True)
+        step([sparse(batch_ids, batch_values), tf.zeros([DIM])])
+        out.append(state_arrays(opt, variables))
+    for a, b in zip(*out):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("use_fused", FUSED)
+@pytest.mark.parametrize("bad_id", [ROWS, -1, 2**40])
+def test_out_of_range_ids_raise_before_any_write(bad_id, use_fused, traced):
+    rng = np.random.default_rng(4)
+    variables = make_vars()
+    opt = keras_sketch.CSAdagrad(depth=3, min_rows=16, compression=0.1, fused=use_fused)
+    step = applier(opt, variables, False if traced else None)
+    step([sparse(*clean_batch(rng)), tf.ones([DIM])])
+    before = state_arrays(opt, variables)
+    ids, values = clean_batch(rng)
+    ids[-1] = bad_id
+    # The dense bias comes first in the list: it would be written first.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside"):
+        opt.apply([sparse(ids, values), tf.ones([DIM])], variables) if not traced else step(
+            [sparse(ids, values), tf.ones([DIM])]
+        )
+    for a, b in zip(before, state_arrays(opt, variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_gradient_shapes_and_dtypes_raise_before_any_write():
+    variables = make_vars()
+    opt = keras_sketch.CSAdam(min_rows=16)
+    opt.build(variables)
+    with pytest.raises(ValueError, match="table"):
+        opt.apply([tf.zeros([ROWS, DIM + 1]), tf.zeros([DIM])], variables)
+    with pytest.raises(ValueError, match="rows of shape"):
+        opt.apply([tf.IndexedSlices(tf.zeros([2, DIM + 1]), tf.constant([0, 1])), tf.zeros([DIM])], variables)
+    with pytest.raises(TypeError, match="floating"):
+        opt.apply([tf.zeros([ROWS, DIM], tf.int32), tf.zeros([DIM])], variables)
+
+
+@pytest.mark.parametrize(
+    "make, arg",
+    [
+        (lambda v: keras_sketch.CSAdam(beta_1=v), "beta_1"),
+        (lambda v: keras_sketch.CSAdam(beta_2=v), "beta_2"),
+        (lambda v: keras_sketch.CSAdam(epsilon=v), "epsilon"),
+        (lambda v: keras_sketch.CSAdam(learning_rate=v), "learning_rate"),
+        (lambda v: keras_sketch.CSAdam(compression=v), "compression"),
+        (lambda v: keras_sketch.CSAdam(cleaning_factor=v), "cleaning_factor"),
+        (lambda v: keras_sketch.CSAdam(state_budget=v), "state_budget"),
+        (lambda v: keras_sketch.CSMomentum(momentum=v), "momentum"),
+        (lambda v: keras_sketch.CSRMSprop(rho=v), "rho"),
+        (lambda v: keras_sketch.CSAdagrad(initial_accumulator_value=v), "initial_accumulator_value"),
+        (lambda v: keras_sketch.SM3(epsilon=v), "epsilon"),
+    ],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_hyper_parameters_are_refused(make, arg, value):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        make(value)
+
+
+def test_fused_and_seed_must_be_exact():
+    for value in (0, 1, "yes"):
+        with pytest.raises(TypeError, match="`fused`"):
+            keras_sketch.CSAdam(fused=value)
+    for seed in (2**32, -1):
+        with pytest.raises(ValueError, match="`seed`"):
+            keras_sketch.CSAdam(seed=seed)
+    keras_sketch.CSAdam(seed=2**32 - 1)
+
+
+def _trained_model(optimizer):
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(300, 8),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(0).integers(0, 300, (64, 3))
+    model.fit(x, np.ones((64, 1)), epochs=1, verbose=0)
+    return model, x
+
+
+def test_corrupted_weights_file_is_refused(tmp_path):
+    model, _ = _trained_model(keras_sketch.CSAdam(min_rows=16, compression=0.2))
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path, "r+") as f:
+        group = f["optimizer"]["vars"]
+        key = max(group.keys(), key=lambda k: group[k].size)  # the largest state tensor: a sketch
+        data = group[key][...]
+        data.reshape(-1)[:16] += 1.0
+        group[key][...] = data
+    fresh, _ = _trained_model(keras_sketch.CSAdam(min_rows=16, compression=0.2))
+    before = [np.asarray(v).copy() for v in fresh.optimizer.variables]
+    with pytest.raises(ValueError, match="corrupted"):
+        fresh.load_weights(path)
+    for a, v in zip(before, fresh.optimizer.variables):
+        np.testing.assert_array_equal(a, np.asarray(v))
+
+
+def test_state_of_another_optimizer_is_refused(tmp_path):
+    model, _ = _trained_model(keras.optimizers.Adam())
+    path = str(tmp_path / "adam.weights.h5")
+    model.save_weights(path)
+    ours, _ = _trained_model(keras_sketch.CSAdam(min_rows=16))
+    with pytest.raises(ValueError, match="another optimizer"):
+        ours.load_weights(path)
+
+
+SOAK_STEPS = 300
+
+
+@pytest.mark.parametrize("use_fused", FUSED)
+def test_soak_random_bad_steps(use_fused):
+    """Random sparse and dense steps with occasional NaN/Inf rows, out-of-range
+    ids and empty batches, on every optimizer: every state stays finite and
+    equals a run that left the bad rows and steps out."""
+    rng = np.random.default_rng(5)
+    plan = []
+    for i in range(SOAK_STEPS):
+        kind = rng.choice(["sparse", "dense", "empty", "nan", "range"], p=[0.5, 0.2, 0.1, 0.15, 0.05])
+        plan.append((kind, clean_batch(rng, int(rng.integers(1, 40))), rng.normal(size=(ROWS, DIM)).astype("float32")))
+    for name, make in factories(use_fused).items():
+        results = []
+        for clean in (False, True):
+            variables = make_vars()
+            opt = make()
+            step = applier(opt, variables, False)
+            for kind, (ids, values), dense in plan:
+                ids, values = ids.copy(), values.copy()
+                if kind == "dense":
+                    step([tf.constant(dense), tf.ones([DIM])])
+                    continue
+                if kind == "empty":
+                    ids, values = ids[:0], values[:0]
+                if kind == "nan":
+                    values[0, 0] = np.nan if clean is False else values[0, 0]
+                    if clean:
+                        ids, values = ids[1:], values[1:]
+                if kind == "range":
+                    if clean:
+                        continue
+                    ids[0] = ROWS + 1
+                    with pytest.raises(tf.errors.InvalidArgumentError):
+                        step([sparse(ids, values), tf.ones([DIM])])
+                    continue
+                step([sparse(ids, values), tf.ones([DIM])])
+            results.append(state_arrays(opt, variables))
+        for a, b in zip(*results):
+            assert np.all(np.isfinite(a)), name
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,0 +1,139 @@
+"""``state_budget=``: the planner meets the budget it reports, refuses what it
+cannot meet, keeps exactly Keras's math where the budget allows, and its
+setting survives configs and saving (keras_sketch/plan.py)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sketch
+from keras_sketch import fused
+from keras_sketch.memory import keras_state_bytes
+
+BUDGETS = [1.0, 0.5, 0.1, 0.02, 0.005]
+OPTIMIZERS = {
+    "adam": keras_sketch.CSAdam,
+    "adagrad": keras_sketch.CSAdagrad,
+    "rmsprop": lambda **kw: keras_sketch.CSRMSprop(momentum=0.9, **kw),
+    "momentum": keras_sketch.CSMomentum,
+}
+
+
+def models():
+    lm = keras.Sequential([keras.Input((12,), dtype="int32"), keras.layers.Embedding(5000, 32),
+                           keras.layers.LSTM(64), keras.layers.Dense(5000)])
+    cnn = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(32, 3), keras.layers.Conv2D(64, 3),
+                            keras.layers.Flatten(), keras.layers.Dense(10)])
+    mlp = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512), keras.layers.Dense(10)])
+    return {"lm": lm, "cnn": cnn, "mlp": mlp}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_budgets_are_met_as_reported(opt_name):
+    for model_name, model in models().items():
+        for budget in BUDGETS:
+            try:
+                opt = OPTIMIZERS[opt_name](state_budget=budget)
+                opt.build(model.trainable_variables)
+            except ValueError as error:  # some budgets are below a model's vectors
+                assert "smallest feasible budget" in str(error)
+                assert budget <= 0.02, (model_name, budget)
+                continue
+            report = opt.memory_report()
+            assert report.state_budget == budget
+            assert report.ratio <= budget + 1e-12, (model_name, budget, report.ratio)
+            # the report counts exactly the state variables the optimizer holds
+            assert report.state_bytes == keras_state_bytes(opt), (model_name, budget)
+            if budget < 1.0:  # a budget is used, not wasted
+                assert report.ratio > 0.5 * budget, (model_name, budget, report.ratio)
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one():
+    model = models()["lm"]
+    with pytest.raises(ValueError, match="smallest feasible budget is") as info:
+        keras_sketch.CSAdam(state_budget=1e-6).build(model.trainable_variables)
+    smallest = float(str(info.value).rstrip(".").split()[-1])
+    opt = keras_sketch.CSAdam(state_budget=smallest)
+    opt.build(model.trainable_variables)
+    assert opt.memory_report().ratio <= smallest
+
+
+def test_plan_drops_first_moment_then_sketches_every_matrix():
+    model = models()["lm"]
+    half = keras_sketch.CSAdam(state_budget=0.5)
+    half.build(model.trainable_variables)
+    rows = half.memory_report().rows
+    assert all(r["dropped"] == ["m"] and r["mode"] == "exact" for r in rows)
+    assert half.dropped_slots == ("m",)
+    tight = keras_sketch.CSAdam(state_budget=0.02)
+    tight.build(model.trainable_variables)
+    for r in tight.memory_report().rows:
+        assert r["mode"] == ("sketched" if len(r["shape"]) >= 2 else "exact"), r
+        assert "path" in r and r["path"]
+
+
+@pytest.mark.parametrize("use_fused", [False] + ([True] if fused.available() else []))
+def test_half_budget_is_exactly_adam_without_first_moment(use_fused):
+    rng = np.random.default_rng(0)
+    init = rng.normal(size=(300, 8)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    ours = keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.5, fused=use_fused)
+    keras_adam = keras.optimizers.Adam(learning_rate=0.01, beta_1=0.0)
+    for step in range(20):
+        g = rng.normal(size=(300, 8)).astype("float32")
+        if step % 2:
+            grad = tf.IndexedSlices(tf.constant(g), tf.range(300))
+        else:
+            grad = tf.constant(g)
+        ours.apply([grad], [a])
+        keras_adam.apply([tf.constant(g)], [b])
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_full_budget_is_keras_adam():
+    rng = np.random.default_rng(1)
+    init = rng.normal(size=(64, 16)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    ours, theirs = keras_sketch.CSAdam(state_budget=1.0), keras.optimizers.Adam()
+    for _ in range(20):
+        g = tf.constant(rng.normal(size=(64, 16)).astype("float32"))
+        ours.apply([g], [a])
+        theirs.apply([g], [b])
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_budget_excludes_the_planners_own_settings():
+    for arg in ({"width": 10}, {"compression": 0.1}, {"min_rows": 1}, {"hash_axis": "auto"}):
+        with pytest.raises(ValueError, match=f"`{next(iter(arg))}` cannot be combined with `state_budget`"):
+            keras_sketch.CSAdam(state_budget=0.1, **arg)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="`state_budget`"):
+            keras_sketch.CSAdam(state_budget=bad)
+
+
+def _compiled(budget):
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(2000, 16),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_sketch.CSAdam(state_budget=budget), loss="mse")
+    x = np.random.default_rng(0).integers(0, 2000, (128, 4))
+    model.fit(x, np.ones((128, 1)), epochs=1, verbose=0)
+    return model
+
+
+def test_budget_round_trips_and_refuses_another_budget(tmp_path):
+    model = _compiled(0.05)
+    config = model.optimizer.get_config()
+    assert config["state_budget"] == 0.05
+    assert keras_sketch.CSAdam.from_config(config).state_budget == 0.05
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.state_budget == 0.05
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    weights = str(tmp_path / "m.weights.h5")
+    model.save_weights(weights)
+    other = _compiled(0.2)
+    with pytest.raises(ValueError, match="state_budget"):
+        other.load_weights(weights)
