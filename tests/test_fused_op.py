@@ -280,7 +280,7 @@ def test_get_config_keeps_fused_and_round_trips():
 
 
 def test_invalid_fused_argument_raises():
-    with pytest.raises(ValueError, match="fused"):
+    with pytest.raises(TypeError, match="`fused`"):
         CSAdam(fused="yes")
 
 
