@@ -29,6 +29,9 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -431,9 +434,21 @@ class SketchApplyOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const int n = num_slots_;
+    // Every variable is checked before any TensorFlow helper touches it: the
+    // locking and copy-on-write helpers read the buffer as float and abort
+    // the process (CHECK failure) on any other dtype.
+    std::vector<core::RefCountPtr<Var>> vars(n + 1);
+    for (int i = 0; i <= n; ++i) {
+      OP_REQUIRES_OK(ctx, LookupFloatVariable(ctx, i, &vars[i]));
+      for (int j = 0; j < i; ++j)
+        OP_REQUIRES(ctx, vars[j].get() != vars[i].get(),
+                    errors::InvalidArgument(InputName(j), " and ", InputName(i),
+                                            " are the same variable; each must be its own"));
+    }
     std::vector<int> var_inputs;
     for (int i = 0; i <= n; ++i) var_inputs.push_back(i);
     auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, true, sparse_, var_inputs);
+    // Under the locks: a concurrent assign may have changed a shape, never a dtype.
     Tensor var;
     OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 0, true, sparse_, &var));
     std::vector<Tensor> slots(n);
@@ -455,6 +470,10 @@ class SketchApplyOp : public OpKernel {
     OP_REQUIRES(ctx, grad.dims() == 2,
                 errors::InvalidArgument("grad must be 2-D, got shape ", grad.shape().DebugString()));
     p.dim = grad.dim_size(1);
+    // rows * dim is compared with the variable's size only once it is known
+    // not to overflow (rows = 2^62, dim = 4 would wrap around to 0).
+    OP_REQUIRES(ctx, p.dim == 0 || rows_ <= std::numeric_limits<int64_t>::max() / p.dim,
+                errors::InvalidArgument("rows * dim = ", rows_, " * ", p.dim, " overflows int64"));
     OP_REQUIRES(ctx, var.NumElements() == rows_ * p.dim,
                 errors::InvalidArgument("var has ", var.NumElements(), " elements, expected rows * dim = ",
                                         rows_, " * ", p.dim));
@@ -547,12 +566,41 @@ class SketchApplyOp : public OpKernel {
   void Dispatch(OpKernelContext* ctx, const Problem& p, const float* g, const int64_t* ids,
                 const bool* valid, int64_t k) {
     if (p.rows == 0 || p.dim == 0) return;
-    switch (p.optimizer) {
-      case kAdam: Run<kAdam>(ctx, p, g, ids, valid, k); break;
-      case kAdagrad: Run<kAdagrad>(ctx, p, g, ids, valid, k); break;
-      case kMomentum: Run<kMomentum>(ctx, p, g, ids, valid, k); break;
-      default: Run<kRMSprop>(ctx, p, g, ids, valid, k); break;
+    // The kernels allocate their temporaries (bucket ids, orders, estimates)
+    // on this thread before writing anything; running out of memory there is
+    // an error, not a crash, and leaves every variable as it was.
+    try {
+      switch (p.optimizer) {
+        case kAdam: Run<kAdam>(ctx, p, g, ids, valid, k); break;
+        case kAdagrad: Run<kAdagrad>(ctx, p, g, ids, valid, k); break;
+        case kMomentum: Run<kMomentum>(ctx, p, g, ids, valid, k); break;
+        default: Run<kRMSprop>(ctx, p, g, ids, valid, k); break;
+      }
+    } catch (const std::bad_alloc&) {
+      ctx->SetStatus(errors::ResourceExhausted("keras_sketch: out of memory for the step's temporaries"));
+    } catch (const std::length_error&) {
+      ctx->SetStatus(errors::ResourceExhausted("keras_sketch: the step's temporaries are too large"));
     }
+  }
+
+  std::string InputName(int i) const {
+    return i == 0 ? std::string("var") : "slot " + std::to_string(i - 1);
+  }
+
+  // The variable behind resource input `i`, if it is an initialized float32
+  // variable (read from the Var itself, not through a helper that copies it).
+  absl::Status LookupFloatVariable(OpKernelContext* ctx, int i, core::RefCountPtr<Var>* out) {
+    absl::Status status = LookupResource(ctx, HandleFromInput(ctx, i), out);
+    if (!status.ok())
+      return errors::InvalidArgument(InputName(i), " is not an existing variable: ", status.message());
+    Var* v = out->get();
+    tf_shared_lock l(*v->mu());
+    if (!v->is_initialized || !v->tensor()->IsInitialized())
+      return errors::InvalidArgument(InputName(i), " is an uninitialized variable");
+    if (v->tensor()->dtype() != DT_FLOAT)
+      return errors::InvalidArgument(InputName(i), " must be a float32 variable, got ",
+                                     DataTypeString(v->tensor()->dtype()));
+    return absl::OkStatus();
   }
   template <int kOpt>
   void Run(OpKernelContext* ctx, const Problem& p, const float* g, const int64_t* ids,
