@@ -576,3 +576,83 @@ def test_reference_agrees_with_the_numpy_paper_reference():
         expect[used] -= 0.1 * grad / np.sqrt(est + 1e-3)
         np.testing.assert_allclose(want_t, npsk.table, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(want_p, expect, rtol=1e-5, atol=1e-6)
+
+
+REPRODUCTIONS = r'''
+import json
+import tensorflow as tf
+from keras_sketch import fused
+
+op = fused.load()
+rows, dim = 20, 4
+hashes = tf.constant([[3, 5, 7, 11]], tf.int64)
+coefs = tf.constant([0.1, 1e-7, 0.9, 0.1, -0.1, 0.99, 0.01, -0.01])
+ATTRS = %s
+
+
+def attrs(**over):
+    out = dict(optimizer="adam", slot_kinds=["exact", "count_min"], rows=rows)
+    if ATTRS:
+        out["slot_roles"] = ["first_moment", "second_moment"]
+    out.update(over)
+    return out
+
+
+def tables(var_dtype=tf.float32, m_dtype=tf.float32, v_dtype=tf.float32, var_shape=(rows, dim)):
+    var = tf.Variable(tf.ones(var_shape, var_dtype))
+    m = tf.Variable(tf.zeros([rows, dim], m_dtype))
+    v = tf.Variable(tf.zeros([1, 5, dim], v_dtype))
+    return var, m, v, [var.read_value(), m.read_value(), v.read_value()]  # readers: copy-on-write
+
+
+def dense(var, m, v, **over):
+    op.keras_sketch_dense_apply(var.handle, [m.handle, v.handle], hashes, tf.ones([rows, dim]),
+                                coefs, **attrs(**over))
+
+
+def sparse(var, m, v, ids, **over):
+    op.keras_sketch_sparse_apply(var.handle, [m.handle, v.handle], hashes, tf.ones([len(ids), dim]),
+                                 coefs, tf.constant(ids, tf.int64), tf.ones([len(ids)], tf.bool),
+                                 **attrs(**over))
+
+
+def overflow():
+    # rows * dim = 2^62 * 4 wraps around to 0 = the (0, 4) variable's size.
+    var = tf.Variable(tf.ones([0, 4]))
+    m = tf.Variable(tf.zeros([1, 3, 4]))
+    v = tf.Variable(tf.zeros([1, 3, 4]))
+    sparse(var, m, v, [1, 2**40], rows=2**62, slot_kinds=["count_sketch", "count_min"])
+
+
+cases = {
+    "float64 variable, dense": lambda: dense(*tables(var_dtype=tf.float64)[:3]),
+    "float64 slot, dense": lambda: dense(*tables(m_dtype=tf.float64)[:3]),
+    "int32 slot, sparse": lambda: sparse(*tables(v_dtype=tf.int32)[:3], ids=[1, 2]),
+    "int32 variable, sparse": lambda: sparse(*tables(var_dtype=tf.int32)[:3], ids=[1, 2]),
+    "rows=2**62 with a (0, 4) variable": overflow,
+}
+out = {}
+for name, run in cases.items():
+    try:
+        run()
+        out[name] = "no error"
+    except tf.errors.InvalidArgumentError as e:
+        out[name] = "InvalidArgument: " + e.message
+print(json.dumps(out))
+'''
+
+
+def test_issue_10_crash_reproductions_give_invalid_argument():
+    """The crashes the issue reported (abort on a float64/int32 variable or
+    slot; out-of-bounds writes after rows*dim overflowed) are clean errors."""
+    attrs = "slot_roles" in open(os.path.join(ROOT, "custom_ops", "sketch_update_op.cc")).read()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", REPRODUCTIONS % attrs], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"crashed (exit code {out.returncode}):\n{out.stderr[-3000:]}"
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "float32" in results["float64 variable, dense"] and "var " in results["float64 variable, dense"]
+    assert "slot 0 must be a float32 variable, got double" in results["float64 slot, dense"]
+    assert "slot 1 must be a float32 variable, got int32" in results["int32 slot, sparse"]
+    assert "var must be a float32 variable, got int32" in results["int32 variable, sparse"]
+    assert "overflows int64" in results["rows=2**62 with a (0, 4) variable"]

@@ -126,13 +126,106 @@ def test_xla_path_contains_nan_and_drops_out_of_range_ids():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+PATHS = ["tf", "tf_graph", "xla"] + (["fused"] if fused.available() else [])
+
+
+def _nan_sequence(rng):
+    """Clean sparse steps, a sparse step with NaN and Inf rows (one a
+    duplicate id of a clean row), a dense step with a NaN row, clean steps."""
+    steps = [("sparse",) + clean_batch(rng) for _ in range(3)]
+    ids, values = clean_batch(rng)
+    values[5, 2], values[9, 0] = np.nan, -np.inf
+    ids[9] = ids[10]
+    steps.append(("sparse", ids, values))
+    dense = rng.normal(size=(ROWS, DIM)).astype("float32")
+    dense[11, 3] = np.nan
+    steps.append(("dense", None, dense))
+    steps += [("sparse",) + clean_batch(rng) for _ in range(2)]
+    return steps
+
+
+@pytest.mark.parametrize("name", list(factories(False)))
+def test_all_paths_agree_on_nan(name):
+    """TF eager, TF graph, XLA and the fused op give the same finite state
+    for a sequence with NaN/Inf gradient rows (sparse and dense)."""
+    steps = _nan_sequence(np.random.default_rng(6))
+    results = {}
+    for path in PATHS:
+        if path == "fused" and name == "sm3":
+            continue  # SM3 has no fused kernel
+        variables = make_vars()
+        opt = factories(path == "fused")[name]()
+        step = applier(opt, variables, {"tf": None, "tf_graph": False, "xla": True, "fused": False}[path])
+        for kind, ids, values in steps:
+            grad = sparse(ids, values) if kind == "sparse" else tf.constant(values)
+            step([grad, tf.ones([DIM])])
+        results[path] = state_arrays(opt, variables)
+    for path, arrays in results.items():
+        for i, (a, b) in enumerate(zip(arrays, results["tf"])):
+            assert np.all(np.isfinite(a)), (path, i)
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"{path} vs tf, array {i}")
+
+
+@pytest.mark.parametrize("use_fused", FUSED)
+def test_issue_nan_in_large_embedding_stays_in_its_row(use_fused):
+    """The issue's reproduction: one NaN element in one sparse row of a
+    20000 x 8 embedding, depth 3, then 10 steps of 2048 random ids and one
+    step touching every row.  Before containment 8674 rows (then all 20000)
+    became NaN; now the state equals a run that left the NaN row out."""
+    rows, dim = 20000, 8
+    rng = np.random.default_rng(7)
+    init = rng.normal(size=(rows, dim)).astype("float32")
+    first_ids = rng.choice(rows, size=2048, replace=False)
+    first = rng.normal(size=(2048, dim)).astype("float32")
+    first[0, 3] = np.nan
+    later = [(rng.integers(0, rows, 2048), rng.normal(size=(2048, dim)).astype("float32")) for _ in range(10)]
+    later.append((np.arange(rows), rng.normal(size=(rows, dim)).astype("float32")))
+    out = []
+    for leave_out in (False, True):
+        table = tf.Variable(init)
+        opt = keras_sketch.CSAdam(depth=3, fused=use_fused)
+        ids, values = (first_ids[1:], first[1:]) if leave_out else (first_ids, first)
+        for ids, values in [(ids, values)] + later:
+            grad = tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64), tf.constant([rows, dim], tf.int64))
+            opt.apply([grad], [table])
+        out.append([table.numpy()] + [np.asarray(v) for v in opt.variables])
+    assert np.isfinite(out[0][0]).all(), f"{int((~np.isfinite(out[0][0])).any(axis=1).sum())} rows not finite"
+    for a, b in zip(*out):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse_steps", [False, True])
+def test_sm3_keeps_moving_every_column_after_a_nan(sparse_steps):
+    """SM3 froze a column silently: a NaN made its cover accumulator NaN and
+    `where(denom > 0, ...)` then gave a zero step for every row of it."""
+    rng = np.random.default_rng(8)
+    variables = make_vars()
+    opt = keras_sketch.SM3(learning_rate=0.1)
+    bad = rng.normal(size=(ROWS, DIM)).astype("float32")
+    bad[7, 1] = np.nan
+    opt.apply([tf.constant(bad), tf.ones([DIM])], variables)
+    for _ in range(3):
+        g = rng.uniform(0.5, 1.5, size=(ROWS, DIM)).astype("float32")
+        grad = sparse(np.arange(ROWS), g) if sparse_steps else tf.constant(g)
+        before = variables[0].numpy().copy()
+        opt.apply([grad, tf.ones([DIM])], variables)
+        after = variables[0].numpy()
+        assert np.all(np.isfinite(after))
+        frozen = np.argwhere(after == before)
+        assert len(frozen) == 0, f"elements that did not move: {frozen[:5].tolist()}"
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in opt.variables)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam_beta_1_0"])
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("use_fused", FUSED)
 @pytest.mark.parametrize("bad_id", [ROWS, -1, 2**40])
-def test_out_of_range_ids_raise_before_any_write(bad_id, use_fused, traced):
+def test_out_of_range_ids_raise_before_any_write(bad_id, use_fused, traced, optimizer):
     rng = np.random.default_rng(4)
     variables = make_vars()
-    opt = keras_sketch.CSAdagrad(depth=3, min_rows=16, compression=0.1, fused=use_fused)
+    make = keras_sketch.CSAdagrad if optimizer == "adagrad" else lambda **k: keras_sketch.CSAdam(beta_1=0.0, **k)
+    opt = make(depth=3, min_rows=16, compression=0.1, fused=use_fused)
     step = applier(opt, variables, False if traced else None)
     step([sparse(*clean_batch(rng)), tf.ones([DIM])])
     before = state_arrays(opt, variables)
@@ -173,6 +266,11 @@ def test_wrong_gradient_shapes_and_dtypes_raise_before_any_write():
         (lambda v: keras_sketch.CSRMSprop(rho=v), "rho"),
         (lambda v: keras_sketch.CSAdagrad(initial_accumulator_value=v), "initial_accumulator_value"),
         (lambda v: keras_sketch.SM3(epsilon=v), "epsilon"),
+        (lambda v: keras_sketch.SM3(learning_rate=v), "learning_rate"),
+        (lambda v: keras_sketch.CSRMSprop(momentum=v), "momentum"),
+        (lambda v: keras_sketch.CSRMSprop(epsilon=v), "epsilon"),
+        (lambda v: keras_sketch.CSMomentum(learning_rate=v), "learning_rate"),
+        (lambda v: keras_sketch.CSAdagrad(epsilon=v), "epsilon"),
     ],
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -189,6 +287,13 @@ def test_fused_and_seed_must_be_exact():
         with pytest.raises(ValueError, match="`seed`"):
             keras_sketch.CSAdam(seed=seed)
     keras_sketch.CSAdam(seed=2**32 - 1)
+
+
+def test_booleans_must_be_booleans():
+    for value in ("no", 0, 1, None):
+        with pytest.raises(TypeError, match="`nesterov`"):
+            keras_sketch.CSMomentum(nesterov=value)
+    assert keras_sketch.CSMomentum(nesterov=np.bool_(True)).nesterov is True
 
 
 def _trained_model(optimizer):

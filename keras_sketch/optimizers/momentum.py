@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_beta
+from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_beta, check_bool
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -24,7 +24,7 @@ class CSMomentum(SketchOptimizer):
     def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, name="csmomentum", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = check_beta("momentum", momentum)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool("nesterov", nesterov)
 
     def _slot_kinds(self):
         return {"m": (COUNT_SKETCH, 0.0)}
