@@ -9,16 +9,19 @@
 // arrive in one float vector `coefs`:
 //   coefs[0], coefs[1]            optimizer scalars (see below)
 //   coefs[2+3s .. 4+3s]           slot s: decay, scale, decay - 1
-// Optimizer scalars: adam (alpha = lr*sqrt(1-b2^t)/(1-b1^t), epsilon),
-// adagrad (lr, epsilon), momentum (lr, momentum), rmsprop (lr, epsilon).
-// Slot roles (the Python `_slot_kinds` order):
-//   adam:     [m, v] or [v] (beta_1 == 0)     adagrad: [v]
-//   momentum: [m]                              rmsprop: [v] or [v, m]
+// (s is the slot's input position).  Optimizer scalars: adam (alpha =
+// lr*sqrt(1-b2^t)/(1-b1^t), epsilon), adagrad (lr, epsilon), momentum (lr,
+// momentum), rmsprop (lr, epsilon).
+// Each slot's role (1st moment m or 2nd moment v, sketch_kinds.h) is told by
+// the caller, never inferred from the slot's position; OrderSlots turns the
+// roles into the order the slots are processed in.
 #ifndef KERAS_SKETCH_SKETCH_MATH_H_
 #define KERAS_SKETCH_SKETCH_MATH_H_
 
 #include <cstdint>
 #include <cmath>
+
+#include "sketch_kinds.h"
 
 #if defined(__CUDACC__)
 #define KS_HD __host__ __device__ __forceinline__
@@ -29,10 +32,7 @@
 namespace keras_sketch {
 
 constexpr int64_t kPrime = 2147483647LL;  // 2^31 - 1
-constexpr int kMaxDepth = 8;
-
-enum Optimizer : int { kAdam = 0, kAdagrad = 1, kMomentum = 2, kRMSprop = 3 };
-enum SlotKind : int { kExact = 0, kCountSketch = 1, kCountMin = 2 };
+constexpr int kMaxDepth = KS_MAX_DEPTH;
 
 // Bucket of row `id` at depth j: ((a*(id mod P) + b) mod P) mod width.
 // Hash coefficients are validated to lie in [0, P), ids in [0, rows), so
@@ -64,32 +64,41 @@ KS_HD float Median(float* v, int n) {
   return (n % 2) ? v[mid] : 0.5f * (v[mid - 1] + v[mid]);
 }
 
-// The slot roles of an optimizer: which slot is the 1st moment (m) and
-// which the 2nd (v); -1 when absent.
+// Which processing position holds the 1st moment (m) and which the 2nd (v);
+// -1 when absent.
 struct Roles {
   int m = -1;
   int v = -1;
 };
 
-KS_HD Roles RolesOf(int optimizer, int num_slots) {
-  Roles r;
-  switch (optimizer) {
-    case kAdam:
-      if (num_slots == 2) { r.m = 0; r.v = 1; } else { r.v = 0; }
-      break;
-    case kAdagrad: r.v = 0; break;
-    case kMomentum: r.m = 0; break;
-    case kRMSprop:
-      r.v = 0;
-      if (num_slots == 2) r.m = 1;
-      break;
+// The processing order of `num_slots` slots whose roles (KsSlotRole) the
+// caller declared: the 2nd moment first (RMSprop's momentum input reads its
+// new estimate), then the 1st.  Fills order[position] = input index and the
+// positions' Roles.  Returns nullptr, or what is wrong with the roles.
+inline const char* OrderSlots(int optimizer, int num_slots, const int* roles, int* order,
+                              Roles* r) {
+  if (num_slots < 1 || num_slots > KS_MAX_SLOTS) return "an optimizer step takes 1 or 2 slots";
+  int first = -1, second = -1;
+  for (int s = 0; s < num_slots; ++s) {
+    int* which = roles[s] == kFirstMoment ? &first : roles[s] == kSecondMoment ? &second : nullptr;
+    if (which == nullptr) return "a slot role is not first_moment or second_moment";
+    if (*which >= 0) return "two slots have the same role";
+    *which = s;
   }
-  return r;
+  if (!KsRolesAllowed(optimizer, first >= 0, second >= 0))
+    return "these slot roles do not fit the optimizer (adam: second_moment and optionally "
+           "first_moment; adagrad: second_moment; momentum: first_moment; rmsprop: "
+           "second_moment and optionally first_moment)";
+  int position = 0;
+  *r = Roles();
+  if (second >= 0) { r->v = position; order[position++] = second; }
+  if (first >= 0) { r->m = position; order[position++] = first; }
+  return nullptr;
 }
 
-// Input x of slot `s` for one element, given the gradient g and the new
-// estimates of the slots before it (e0 = slot 0).  Only RMSprop's momentum
-// slot depends on an earlier slot (its 2nd moment, slot 0).
+// Input x of the slot at processing position `s` for one element, given the
+// gradient g and the new estimate e0 of position 0.  Only RMSprop's momentum
+// depends on another slot: its 2nd moment, which OrderSlots puts at 0.
 template <int kOpt>
 KS_HD float SlotInput(int s, const Roles& r, float g, float e0, const float* c) {
   if (s == r.v) return g * g;
@@ -98,7 +107,7 @@ KS_HD float SlotInput(int s, const Roles& r, float g, float e0, const float* c) 
 }
 
 // What the step subtracts from the parameter (the `_step` return value),
-// from the gradient and the new slot estimates e0, e1.
+// from the gradient and the new estimates e0, e1 of positions 0 and 1.
 template <int kOpt>
 KS_HD float ParamDelta(const Roles& r, bool nesterov, float g, float e0, float e1,
                        const float* c) {

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "sketch_math.h"
 #include "sketch_update_launcher.h"
@@ -191,27 +192,39 @@ __global__ void SparseParamKernel(Args a, const float* grad, const int64_t* ids,
   }
 }
 
+// Validates the problem and copies it into `a` with its slots in processing
+// order (OrderSlots: from the roles the caller declared, never from their
+// positions), so the kernels index slots by processing position.
 int Check(const ks_problem* p, Args* a) {
   if (!p || !p->param || p->rows < 0 || p->dim < 0 || p->num_slots < 1 ||
-      p->num_slots > KS_MAX_SLOTS || p->optimizer < 0 || p->optimizer > 3)
+      p->num_slots > KS_MAX_SLOTS || p->optimizer < 0 || p->optimizer >= kNumOptimizers)
     return KS_EINVAL;
-  const int max_slots = (p->optimizer == kAdam || p->optimizer == kRMSprop) ? 2 : 1;
-  if (p->num_slots > max_slots) return KS_EINVAL;
+  const int64_t kMax = INT64_MAX;
+  if (p->dim > 0 && p->rows > kMax / p->dim) return KS_EINVAL;  // rows * dim overflows
+  int order[KS_MAX_SLOTS];
+  if (OrderSlots(p->optimizer, p->num_slots, p->slot_role, order, &a->roles) != nullptr)
+    return KS_EINVAL;
   a->p = *p;
-  a->roles = RolesOf(p->optimizer, p->num_slots);
   bool any_sketch = false;
-  for (int s = 0; s < p->num_slots; ++s) {
-    if (!p->slot[s] || p->slot_kind[s] < 0 || p->slot_kind[s] > 2) return KS_EINVAL;
+  for (int pos = 0; pos < p->num_slots; ++pos) {
+    const int s = order[pos];
+    if (!p->slot[s] || p->slot_kind[s] < 0 || p->slot_kind[s] >= kNumSlotKinds) return KS_EINVAL;
+    a->p.slot[pos] = p->slot[s];
+    a->p.slot_kind[pos] = p->slot_kind[s];
+    a->p.slot_role[pos] = p->slot_role[s];
+    for (int c = 0; c < 3; ++c) a->p.coefs[2 + 3 * pos + c] = p->coefs[2 + 3 * s + c];
     any_sketch |= p->slot_kind[s] != kExact;
   }
   if (any_sketch) {
     if (p->depth < 1 || p->depth > kMaxDepth || p->width < 1) return KS_EINVAL;
+    if (p->dim > 0 && p->width > kMax / (p->depth * p->dim)) return KS_EINVAL;
     if (p->width >= p->rows && (p->depth != 1 || p->width != p->rows)) return KS_EINVAL;
     for (int j = 0; j < p->depth; ++j)
       for (int c = 0; c < 4; ++c)
         if (p->hash[j][c] < 0 || p->hash[j][c] >= kPrime) return KS_EINVAL;
-    if (p->optimizer == kRMSprop && p->num_slots == 2 && p->slot_kind[1] != kExact &&
-        p->slot_kind[0] == kExact)
+    const Roles& r = a->roles;
+    if (p->optimizer == kRMSprop && r.m >= 0 && a->p.slot_kind[r.m] != kExact &&
+        a->p.slot_kind[r.v] == kExact)
       return KS_EINVAL;
   } else {
     a->p.depth = 1;
@@ -219,7 +232,7 @@ int Check(const ks_problem* p, Args* a) {
   }
   a->identity = a->p.width >= p->rows;
   for (int s = 0; s < KS_MAX_SLOTS; ++s)
-    a->is_signed[s] = s < p->num_slots && p->slot_kind[s] == kCountSketch && !a->identity;
+    a->is_signed[s] = s < p->num_slots && a->p.slot_kind[s] == kCountSketch && !a->identity;
   return 0;
 }
 
@@ -276,8 +289,15 @@ extern "C" int ks_dense_apply(const ks_problem* problem, const float* grad, void
 }
 
 extern "C" size_t ks_sparse_workspace_bytes(const ks_problem* problem, int64_t k) {
-  if (!problem || k < 0 || problem->dim < 0) return 0;
-  return sizeof(float) * static_cast<size_t>(problem->num_slots + 1) * k * problem->dim;
+  // 0 for invalid arguments or a size that does not fit size_t.
+  if (!problem || k < 0 || problem->dim < 0 || problem->num_slots < 1 ||
+      problem->num_slots > KS_MAX_SLOTS)
+    return 0;
+  const size_t per_row = sizeof(float) * static_cast<size_t>(problem->num_slots + 1);
+  const size_t rows = static_cast<size_t>(k), dim = static_cast<size_t>(problem->dim);
+  if (dim && rows > SIZE_MAX / dim) return 0;
+  if (rows * dim > SIZE_MAX / per_row) return 0;
+  return per_row * rows * dim;
 }
 
 extern "C" int ks_sparse_apply(const ks_problem* problem, const float* grad, const int64_t* ids,

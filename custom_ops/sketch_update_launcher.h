@@ -6,8 +6,9 @@
  * All tensors are device pointers, row-major float32:
  *   param [rows, dim]; exact slot [rows, dim]; sketch slot [depth, width, dim];
  *   grad [rows, dim] (dense) or [k, dim] (sparse); ids [k] int64; valid [k] uint8.
- * `hash` ([depth][4], a b c d in [0, 2^31-1)) and `coefs` (see sketch_math.h)
- * are host arrays, copied into the kernel arguments.
+ * `hash` ([depth][4], a b c d in [0, 2^31-1)) and `coefs` (see sketch_math.h;
+ * per slot in the order of `slot`) are host arrays, copied into the kernel
+ * arguments.
  * Sparse ids must be unique among valid entries (merge duplicates first);
  * out-of-range ids are skipped, never written.
  * Every function returns 0 on success, KS_EINVAL for bad arguments, or a
@@ -18,19 +19,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sketch_kinds.h" /* KsOptimizer, KsSlotKind, KsSlotRole, KS_MAX_* */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define KS_EINVAL 1000
-#define KS_MAX_SLOTS 2
-#define KS_MAX_DEPTH 8
 
 typedef struct {
-  int optimizer;            /* 0 adam, 1 adagrad, 2 momentum, 3 rmsprop */
+  int optimizer;            /* KsOptimizer */
   int nesterov;             /* momentum only */
-  int num_slots;            /* 1 or 2, roles as in sketch_math.h */
-  int slot_kind[KS_MAX_SLOTS]; /* 0 exact, 1 count_sketch, 2 count_min */
+  int num_slots;            /* 1 or 2 */
+  int slot_kind[KS_MAX_SLOTS]; /* KsSlotKind */
+  int slot_role[KS_MAX_SLOTS]; /* KsSlotRole: told, never inferred from the order */
   float* slot[KS_MAX_SLOTS];
   float* param;
   int64_t rows, dim;

@@ -3,6 +3,11 @@
 //   KerasSketchDenseApply(var, slots..., hash, grad[rows, dim], coefs)
 //   KerasSketchSparseApply(var, slots..., hash, grad[k, dim], coefs, ids[k], valid[k])
 //
+// Attributes: `optimizer` (the math), and per slot `slot_kinds` (how it is
+// stored) and `slot_roles` (what it holds: first_moment or second_moment), in
+// the order the slots are passed; the names are defined once in
+// sketch_kinds.h.  The op never infers a role from a slot's position.
+//
 // Both update, in place, the parameter `var` (any shape with rows*dim
 // elements, seen as its row-major [rows, dim] view) and its auxiliary
 // variables `slots` (exact [rows, dim] tables or sketches [depth, width, dim]
@@ -35,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "sketch_math.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -58,8 +64,9 @@ using namespace keras_sketch;  // NOLINT
       .Input("coefs: T")                                         \
       .Attr("T: {float}")                                        \
       .Attr("num_slots: int >= 1")                               \
-      .Attr("optimizer: {'adam', 'adagrad', 'momentum', 'rmsprop'}") \
-      .Attr("slot_kinds: list({'exact', 'count_sketch', 'count_min'})") \
+      .Attr("optimizer: string")                                 \
+      .Attr("slot_kinds: list(string)")                          \
+      .Attr("slot_roles: list(string)")                          \
       .Attr("rows: int >= 0")                                    \
       .Attr("nesterov: bool = false")
 
@@ -77,8 +84,27 @@ REGISTER_OP("KerasSketchSparseApply")
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc("Fused sparse-rows sketched-optimizer step, in place (see keras_sketch/fused.py).");
 
-// One auxiliary variable during a step.
+// The attribute strings of sketch_kinds.h's enums.
+const char* const kOptimizerNames[] = KS_OPTIMIZER_NAMES;
+const char* const kSlotKindNames[] = KS_SLOT_KIND_NAMES;
+const char* const kSlotRoleNames[] = KS_SLOT_ROLE_NAMES;
+
+// The enum value named `name` in names[0..n), or -1.
+int IndexOf(const char* const* names, int n, const std::string& name) {
+  for (int i = 0; i < n; ++i)
+    if (name == names[i]) return i;
+  return -1;
+}
+
+std::string Join(const char* const* names, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += (i ? ", " : "") + std::string(names[i]);
+  return out;
+}
+
+// One auxiliary variable during a step (at its processing position).
 struct Slot {
+  int input = 0;           // its index among the op's `slots` inputs
   int kind = kExact;
   bool sketched = false;  // [depth, width, dim] table, hashed rows
   bool is_signed = false; // count-sketch that is not the identity map
@@ -410,25 +436,40 @@ class SketchApplyOp : public OpKernel {
     OP_REQUIRES_OK(c, c->GetAttr("num_slots", &num_slots_));
     std::string optimizer;
     OP_REQUIRES_OK(c, c->GetAttr("optimizer", &optimizer));
-    optimizer_ = optimizer == "adam" ? kAdam : optimizer == "adagrad" ? kAdagrad
-               : optimizer == "momentum" ? kMomentum : kRMSprop;
-    std::vector<std::string> kinds;
+    optimizer_ = IndexOf(kOptimizerNames, kNumOptimizers, optimizer);
+    OP_REQUIRES(c, optimizer_ >= 0,
+                errors::InvalidArgument("optimizer must be one of ",
+                                        Join(kOptimizerNames, kNumOptimizers), ", got '", optimizer, "'"));
+    std::vector<std::string> kinds, roles;
     OP_REQUIRES_OK(c, c->GetAttr("slot_kinds", &kinds));
+    OP_REQUIRES_OK(c, c->GetAttr("slot_roles", &roles));
     OP_REQUIRES_OK(c, c->GetAttr("rows", &rows_));
     OP_REQUIRES_OK(c, c->GetAttr("nesterov", &nesterov_));
-    OP_REQUIRES(c, static_cast<int>(kinds.size()) == num_slots_,
-                errors::InvalidArgument("slot_kinds has ", kinds.size(), " entries, num_slots is ",
-                                        num_slots_));
-    const int max_slots = (optimizer_ == kAdam || optimizer_ == kRMSprop) ? 2 : 1;
-    OP_REQUIRES(c, num_slots_ <= max_slots,
-                errors::InvalidArgument(optimizer, " takes at most ", max_slots, " slots, got ",
-                                        num_slots_));
-    for (const auto& k : kinds)
-      kinds_.push_back(k == "exact" ? kExact : k == "count_sketch" ? kCountSketch : kCountMin);
+    OP_REQUIRES(c, static_cast<int>(kinds.size()) == num_slots_ &&
+                       static_cast<int>(roles.size()) == num_slots_,
+                errors::InvalidArgument("slot_kinds and slot_roles need one entry per slot (",
+                                        num_slots_, "), got ", kinds.size(), " and ", roles.size()));
+    std::vector<int> role_ids;
+    for (int s = 0; s < num_slots_; ++s) {
+      const int kind = IndexOf(kSlotKindNames, kNumSlotKinds, kinds[s]);
+      OP_REQUIRES(c, kind >= 0,
+                  errors::InvalidArgument("slot_kinds[", s, "] must be one of ",
+                                          Join(kSlotKindNames, kNumSlotKinds), ", got '", kinds[s], "'"));
+      const int role = IndexOf(kSlotRoleNames, kNumSlotRoles, roles[s]);
+      OP_REQUIRES(c, role >= 0,
+                  errors::InvalidArgument("slot_roles[", s, "] must be one of ",
+                                          Join(kSlotRoleNames, kNumSlotRoles), ", got '", roles[s], "'"));
+      kinds_.push_back(kind);
+      role_ids.push_back(role);
+    }
+    const char* problem = OrderSlots(optimizer_, num_slots_, role_ids.data(), order_, &roles_);
+    OP_REQUIRES(c, problem == nullptr,
+                errors::InvalidArgument(optimizer, " with slot_roles [", absl::StrJoin(roles, ", "),
+                                        "]: ", problem ? problem : ""));
     // RMSprop's sketched momentum reads the new 2nd moment while it is
     // accumulated: that must be a sketch too (as the optimizer builds it).
-    OP_REQUIRES(c, !(optimizer_ == kRMSprop && num_slots_ == 2 && kinds_[1] != kExact &&
-                     kinds_[0] == kExact),
+    OP_REQUIRES(c, !(optimizer_ == kRMSprop && roles_.m >= 0 && kinds_[order_[roles_.m]] != kExact &&
+                     kinds_[order_[roles_.v]] == kExact),
                 errors::InvalidArgument("a sketched RMSprop momentum needs a sketched 2nd moment"));
   }
 
@@ -462,7 +503,7 @@ class SketchApplyOp : public OpKernel {
     p.optimizer = optimizer_;
     p.nesterov = nesterov_;
     p.num_slots = n;
-    p.roles = RolesOf(optimizer_, n);
+    p.roles = roles_;
     p.rows = rows_;
     // --- validation: nothing is written before every check passed ---
     OP_REQUIRES(ctx, var.IsInitialized() && var.dtype() == DT_FLOAT,
@@ -496,11 +537,13 @@ class SketchApplyOp : public OpKernel {
                   errors::InvalidArgument("hash coefficients must lie in [0, 2^31 - 1)"));
     p.coefs = coefs.flat<float>().data();
     p.width = -1;
-    for (int s = 0; s < n; ++s) {
-      Slot& slot = p.slots[s];
+    for (int position = 0; position < n; ++position) {
+      const int s = order_[position];  // the input index: names, kinds, coefficients
+      Slot& slot = p.slots[position];
       const Tensor& t = slots[s];
       OP_REQUIRES(ctx, t.IsInitialized() && t.dtype() == DT_FLOAT,
                   errors::InvalidArgument("slot ", s, " must be an initialized float32 variable"));
+      slot.input = s;
       slot.kind = kinds_[s];
       slot.data = const_cast<float*>(t.flat<float>().data());
       slot.decay = p.coefs[2 + 3 * s];
@@ -615,7 +658,9 @@ class SketchApplyOp : public OpKernel {
   bool sparse_;
   int num_slots_ = 0;
   int optimizer_ = kAdam;
-  std::vector<int> kinds_;
+  std::vector<int> kinds_;  // by input index
+  int order_[KS_MAX_SLOTS] = {0, 0};  // processing position -> input index
+  Roles roles_;             // processing positions of m and v
   int64_t rows_ = 0;
   bool nesterov_ = false;
 };

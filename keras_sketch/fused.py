@@ -33,7 +33,9 @@ import logging
 import os
 
 import tensorflow as tf
-from keras_sketch.state import in_xla_context, tf_variable
+
+from keras_sketch.sketch import EXACT
+from keras_sketch.tf_internals import in_xla_context, tf_variable
 
 log = logging.getLogger("keras_sketch")
 
@@ -42,6 +44,24 @@ ENV_LIBRARY = "KERAS_SKETCH_OPS_LIBRARY"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 _library = {"tried": False, "module": None, "path": None, "error": None}
+
+# The op's slot roles (custom_ops/sketch_kinds.h): what the op computes into
+# a slot.  The 1st moment accumulates g (Adam, momentum) or RMSprop's
+# increment lr*g/sqrt(v+eps); the 2nd moment accumulates g*g.
+FIRST_MOMENT = "first_moment"
+SECOND_MOMENT = "second_moment"
+
+# The one table of the optimizers the op runs: its name for each one's math
+# (an optimizer's ``_fused_kind``) and the role of each slot the optimizer
+# declares (``_slot_kinds``), by slot name.  The op is told every slot's role
+# (attr ``slot_roles``), so the order of an optimizer's slot dict does not
+# matter.
+SLOT_ROLES = {
+    "adam": {"m": FIRST_MOMENT, "v": SECOND_MOMENT},
+    "adagrad": {"v": SECOND_MOMENT},
+    "momentum": {"m": FIRST_MOMENT},
+    "rmsprop": {"v": SECOND_MOMENT, "m": FIRST_MOMENT},
+}
 
 
 def library_path():
@@ -127,7 +147,16 @@ def _optimizer_kind(optimizer):
     owner = next((c for c in type(optimizer).__mro__ if "_fused_kind" in vars(c)), None)
     if owner is None or type(optimizer)._step is not owner._step:
         return None  # a subclass with other update math cannot use the C++ copy of it
-    return owner._fused_kind
+    return owner._fused_kind if owner._fused_kind in SLOT_ROLES else None
+
+
+def slot_roles(kind, names):
+    """The op's role of each slot in ``names`` (in that order) for the
+    optimizer kind ``kind``; None when one has no role in the op."""
+    roles = SLOT_ROLES.get(kind, {})
+    if any(n not in roles for n in names):
+        return None
+    return [roles[n] for n in names]
 
 
 def fused_reason(optimizer, layout, variable):
@@ -142,6 +171,9 @@ def fused_reason(optimizer, layout, variable):
         return False, "inside a jit_compile=True function (the custom op has no XLA kernel)"
     if _optimizer_kind(optimizer) is None:
         return False, f"{type(optimizer).__name__} has no fused kernel"
+    names = list(optimizer._slot_kinds())
+    if slot_roles(_optimizer_kind(optimizer), names) is None:
+        return False, f"its slots {names} are not all known to the op ({SLOT_ROLES[_optimizer_kind(optimizer)]})"
     if layout.transpose:
         return False, "its sketch hashes the last axis (transposed layout)"
     if tf.as_dtype(variable.dtype) != tf.float32:
@@ -180,9 +212,10 @@ def _operands(optimizer, slots, lr, t):
     names = list(slots)
     handles = [tf_variable(slots[n].table).handle for n in names]
     kinds = [slots[n].kind for n in names]
-    params = next((s.params for s in slots.values() if s.kind != "exact"), None)
+    params = next((s.params for s in slots.values() if s.kind != EXACT), None)
     hashes = tf.zeros([1, 4], tf.int64) if params is None else tf.convert_to_tensor(params)
-    attrs = {"optimizer": kind, "slot_kinds": kinds, "nesterov": nesterov}
+    attrs = {"optimizer": kind, "slot_kinds": kinds, "slot_roles": slot_roles(kind, names),
+             "nesterov": nesterov}
     return handles, hashes, coefs, attrs
 
 

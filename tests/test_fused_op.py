@@ -150,11 +150,14 @@ def _op_args(rows=20, dim=4, depth=2, width=5, k=6):
     return dict(var=var, m=m, v=v, hashes=hashes, coefs=coefs, rows=rows, dim=dim, k=k)
 
 
+ROLES = ["first_moment", "second_moment"]  # of _op_args's m and v
+
+
 def _dense(a, grad=None, slots=None, **over):
     op = fused.load()
     grad = tf.ones([a["rows"], a["dim"]]) if grad is None else grad
     slots = [a["m"].handle, a["v"].handle] if slots is None else slots
-    kw = dict(optimizer="adam", slot_kinds=["exact", "count_min"], rows=a["rows"])
+    kw = dict(optimizer="adam", slot_kinds=["exact", "count_min"], rows=a["rows"], slot_roles=ROLES)
     kw.update(over)
     return op.keras_sketch_dense_apply(a["var"].handle, slots, a["hashes"], grad, a["coefs"], **kw)
 
@@ -164,7 +167,7 @@ def _sparse(a, ids, grad=None, valid=None, **over):
     k = len(ids)
     grad = tf.ones([k, a["dim"]]) if grad is None else grad
     valid = tf.ones([k], tf.bool) if valid is None else valid
-    kw = dict(optimizer="adam", slot_kinds=["exact", "count_min"], rows=a["rows"])
+    kw = dict(optimizer="adam", slot_kinds=["exact", "count_min"], rows=a["rows"], slot_roles=ROLES)
     kw.update(over)
     return op.keras_sketch_sparse_apply(a["var"].handle, [a["m"].handle, a["v"].handle],
                                         a["hashes"], grad, a["coefs"],
@@ -190,15 +193,24 @@ BAD_CALLS = {
                                                                   tf.float64)).handle,
                                              a["v"].handle]),
     "too many slots": lambda a: _dense(a, optimizer="adagrad"),
+    "roles count": lambda a: _dense(a, slot_roles=["second_moment"]),
+    "same role twice": lambda a: _dense(a, slot_roles=["second_moment", "second_moment"]),
+    "unknown role": lambda a: _dense(a, slot_roles=["first_moment", "v"]),
+    "role the optimizer lacks": lambda a: _dense(a, optimizer="rmsprop",
+                                                 slot_roles=["first_moment", "first_moment"]),
+    "momentum without 1st moment": lambda a: _dense(a, optimizer="momentum", slot_kinds=["count_min"],
+                                                    slots=[a["v"].handle], slot_roles=["second_moment"]),
+    "unknown optimizer": lambda a: _dense(a, optimizer="adamw"),
+    "unknown kind": lambda a: _dense(a, slot_kinds=["exact", "countmin"]),
     "kinds count": lambda a: _dense(a, slot_kinds=["exact"]),
     "coefs size": lambda a: fused.load().keras_sketch_dense_apply(
         a["var"].handle, [a["m"].handle, a["v"].handle], a["hashes"],
         tf.ones([a["rows"], a["dim"]]), tf.ones([3]), optimizer="adam",
-        slot_kinds=["exact", "count_min"], rows=a["rows"]),
+        slot_kinds=["exact", "count_min"], slot_roles=ROLES, rows=a["rows"]),
     "negative hash": lambda a: fused.load().keras_sketch_dense_apply(
         a["var"].handle, [a["m"].handle, a["v"].handle], -a["hashes"],
         tf.ones([a["rows"], a["dim"]]), a["coefs"], optimizer="adam",
-        slot_kinds=["exact", "count_min"], rows=a["rows"]),
+        slot_kinds=["exact", "count_min"], slot_roles=ROLES, rows=a["rows"]),
     "id too large": lambda a: _sparse(a, [0, 3, a["rows"]]),
     "negative id": lambda a: _sparse(a, [0, -1, 3]),
     "duplicate ids": lambda a: _sparse(a, [4, 2, 4]),
@@ -251,7 +263,10 @@ def test_fuzz_random_shapes_dims_and_indices():
         expect_ok = (np.all((ids[valid] >= 0) & (ids[valid] < rows))
                      and len(set(ids[valid].tolist())) == int(valid.sum()))
         before = var.numpy().copy()
-        kw = dict(optimizer=str(opt), slot_kinds=slot_kinds, rows=rows)
+        roles = (["first_moment", "second_moment"] if opt == "adam" else ["second_moment", "first_moment"])
+        roles = {"adagrad": ["second_moment"], "momentum": ["first_moment"]}.get(str(opt), roles[:n] if n == 2
+                                                                                   else ["second_moment"])
+        kw = dict(optimizer=str(opt), slot_kinds=slot_kinds, rows=rows, slot_roles=roles)
         try:
             fused.load().keras_sketch_sparse_apply(
                 var.handle, [t.handle for t in tables], hashes,
@@ -415,3 +430,73 @@ def test_baseline_library_without_avx2_agrees_too():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def _reordered(cls):
+    """A subclass whose slot dict lists the slots in reverse order."""
+
+    class Reordered(cls):
+        def _slot_kinds(self):
+            return dict(reversed(list(super()._slot_kinds().items())))
+
+    return Reordered
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("cls, kwargs", [
+    (CSAdam, dict(first_moment="sketch")),
+    (CSAdam, {}),
+    (CSRMSprop, dict(momentum=0.5, first_moment="sketch")),
+    (CSRMSprop, dict(momentum=0.5)),
+], ids=["adam_sketch_m", "adam", "rmsprop_m_sketch", "rmsprop_m_exact"])
+def test_reordering_the_slot_dict_does_not_change_results(cls, kwargs, sparse):
+    """The op is told each slot's role (slot_roles), so the order in which an
+    optimizer declares its slots changes nothing, on either path."""
+    rng = np.random.default_rng(3)
+    rows, dim = 200, 6
+    init = rng.normal(size=(rows, dim)).astype("float32")
+    grads = _gradients(rng, rows, dim, sparse, 3, duplicates=True)
+    out = {}
+    for order in ("declared", "reversed"):
+        for use_fused in (True, False):
+            w = keras.Variable(init, name="w")
+            make = cls if order == "declared" else _reordered(cls)
+            opt = make(0.01, depth=3, compression=0.2, min_rows=1, fused=use_fused, **kwargs)
+            for g in grads:
+                opt.apply_gradients([(g, w)])
+            assert [p.fused for p in opt._plans] == [use_fused]
+            names = [v.path.rsplit("/", 1)[-1] for v in opt.variables]
+            out[order, use_fused] = (w.numpy(), {n: v.numpy() for n, v in zip(names, opt.variables)})
+    assert list(out["declared", True][1]) != list(out["reversed", True][1]), "the order did not change"
+    w_ref, s_ref = out["declared", False]
+    for key, (w, state) in out.items():
+        np.testing.assert_allclose(w, w_ref, rtol=2e-5, atol=2e-6, err_msg=str(key))
+        assert set(state) == set(s_ref)
+        for n in s_ref:
+            np.testing.assert_allclose(state[n], s_ref[n], rtol=2e-5, atol=2e-6, err_msg=f"{key} {n}")
+
+
+def test_kind_and_role_names_are_defined_once_and_agree():
+    """custom_ops/sketch_kinds.h defines the op's enums and their names; the
+    Python constants (keras_sketch.sketch, keras_sketch.fused) are the same
+    strings, and every optimizer the op runs is in fused.SLOT_ROLES."""
+    import re
+
+    from keras_sketch import sketch
+
+    header = open(os.path.join(ROOT, "custom_ops", "sketch_kinds.h")).read()
+
+    def names(macro):
+        body = re.search(r"#define %s \{([^}]*)\}" % macro, header).group(1)
+        return re.findall(r'"([^"]+)"', body)
+
+    assert names("KS_SLOT_KIND_NAMES") == [sketch.EXACT, sketch.COUNT_SKETCH, sketch.COUNT_MIN]
+    assert names("KS_SLOT_ROLE_NAMES") == [fused.FIRST_MOMENT, fused.SECOND_MOMENT]
+    assert names("KS_OPTIMIZER_NAMES") == list(fused.SLOT_ROLES)
+    for cls in (CSAdam, CSAdagrad, CSMomentum, CSRMSprop):
+        assert cls._fused_kind in fused.SLOT_ROLES
+    for path in ("sketch_update_op.cc", "sketch_update_kernels.cu.cc", "sketch_math.h",
+                 "sketch_update_launcher.h"):
+        text = open(os.path.join(ROOT, "custom_ops", path)).read()
+        assert not re.search(r"enum\s+\w*\s*(:\s*int\s*)?\{", text), f"{path} defines its own enum"
+        assert '"count_min"' not in text and "'count_min'" not in text, path

@@ -56,7 +56,7 @@ MUTATIONS = (
     "id_out_of_range", "duplicate_ids", "ids_length", "valid_length", "ids_dtype",
     "kinds_count", "too_many_slots", "optimizer_attr", "kind_attr", "rmsprop_exact_v",
     "same_variable", "missing_variable", "not_a_variable", "no_slots",
-    "padding_out_of_range", "var_reshaped", "nan_grad",
+    "padding_out_of_range", "var_reshaped", "nan_grad", "role_attr",
 )
 MAYBE_VALID = {"padding_out_of_range", "var_reshaped", "nan_grad"}
 
@@ -372,12 +372,33 @@ def _mutate(case, name, rng):
             return None
         case["kinds_attr"][int(rng.integers(len(case["kinds_attr"])))] = pick(["sketch", "exact ", "countmin"])
         return _bad(case, name)
-    if name == "rmsprop_exact_v":
-        if case["opt"] != "rmsprop" or n != 2 or case["kinds"][case["roles"].index(FIRST)] == "exact":
+    if name == "rmsprop_exact_v":  # an exact 2nd moment with a sketched momentum
+        if rows < 2 or n == 0:
             return None
-        v = case["roles"].index(SECOND)
-        case["kinds_attr"][v] = "exact"
-        case["slots"][v] = np.zeros((rows, dim), np.float32)
+        width = int(rng.integers(1, rows))
+        depth = len(case["hashes"])
+        roles = [SECOND, FIRST] if rng.random() < 0.5 else [FIRST, SECOND]
+        case.update(opt="rmsprop", opt_attr="rmsprop", roles=roles, roles_attr=list(roles),
+                    kinds=["exact" if r == SECOND else "count_sketch" for r in roles],
+                    slot_dtypes=["float32"] * 2,
+                    slots=[np.zeros((rows, dim) if r == SECOND else (depth, width, dim), np.float32)
+                           for r in roles],
+                    coefs=np.ones(8, np.float32))
+        case["kinds_attr"] = list(case["kinds"])
+        return _bad(case, name)
+    if name == "role_attr":
+        roles = case["roles_attr"]
+        if not roles:
+            return None
+        choice = int(rng.integers(3))
+        if choice == 0 and len(roles) == 2:
+            roles[1] = roles[0]  # one role twice
+        elif choice == 1:
+            roles[int(rng.integers(len(roles)))] = pick(["m", "v", "second", "First_moment"])
+        elif len(roles) == 2:
+            del roles[int(rng.integers(2))]  # one role per slot
+        else:
+            roles[0] = FIRST if roles[0] == SECOND else SECOND  # a role the optimizer does not take
         return _bad(case, name)
     if name == "same_variable":
         case["alias"] = pick(["var", "slot"]) if n >= 2 else "var"

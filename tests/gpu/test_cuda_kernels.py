@@ -12,6 +12,7 @@
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,14 +23,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "custom_ops", "sketch_update_kernels.cu.cc")
 P = 2**31 - 1
-OPT = {"adam": 0, "adagrad": 1, "momentum": 2, "rmsprop": 3}
-KIND = {"exact": 0, "count_sketch": 1, "count_min": 2}
+
+
+def _header_enums():
+    """The enum names and values of custom_ops/sketch_kinds.h, the one place
+    they are defined: {attr name: value} for optimizers, kinds and roles."""
+    text = open(os.path.join(ROOT, "custom_ops", "sketch_kinds.h")).read()
+
+    def names(macro):
+        return re.findall(r'"([^"]+)"', re.search(r"#define %s \{([^}]*)\}" % macro, text).group(1))
+
+    def values(enum):
+        body = re.search(r"enum %s \{([^}]*)\}" % enum, text).group(1)
+        return [int(v) for v in re.findall(r"=\s*(\d+)", body)]
+
+    tables = [("KS_OPTIMIZER_NAMES", "KsOptimizer"), ("KS_SLOT_KIND_NAMES", "KsSlotKind"),
+              ("KS_SLOT_ROLE_NAMES", "KsSlotRole")]
+    return [dict(zip(names(m), values(e))) for m, e in tables]
+
+
+OPT, KIND, ROLE = _header_enums()
+MAX_SLOTS = int(re.search(r"#define KS_MAX_SLOTS (\d+)", open(os.path.join(ROOT, "custom_ops", "sketch_kinds.h")).read()).group(1))
 
 
 class Problem(ctypes.Structure):
     _fields_ = [
         ("optimizer", ctypes.c_int), ("nesterov", ctypes.c_int), ("num_slots", ctypes.c_int),
-        ("slot_kind", ctypes.c_int * 2), ("slot", ctypes.c_void_p * 2),
+        ("slot_kind", ctypes.c_int * MAX_SLOTS), ("slot_role", ctypes.c_int * MAX_SLOTS),
+        ("slot", ctypes.c_void_p * MAX_SLOTS),
         ("param", ctypes.c_void_p), ("rows", ctypes.c_int64), ("dim", ctypes.c_int64),
         ("depth", ctypes.c_int), ("width", ctypes.c_int64),
         ("hash", (ctypes.c_int64 * 4) * 8), ("coefs", ctypes.c_float * 8),
@@ -57,6 +78,32 @@ def library():
 
 def test_cuda_sources_compile(library):
     assert hasattr(library, "ks_dense_apply") and hasattr(library, "ks_sparse_apply")
+
+
+def test_header_enums_parse():
+    assert OPT == {"adam": 0, "adagrad": 1, "momentum": 2, "rmsprop": 3}
+    assert list(KIND) == ["exact", "count_sketch", "count_min"] and len(set(KIND.values())) == 3
+    assert list(ROLE) == ["first_moment", "second_moment"]
+
+
+def test_launcher_refuses_bad_roles_and_overflow(library):
+    """Runs without a GPU: Check() rejects before any kernel launch."""
+    def problem(**over):
+        prob = Problem(optimizer=OPT["adam"], num_slots=2, rows=10, dim=4, depth=1, width=3)
+        prob.param = ctypes.c_void_p(16)  # never dereferenced: validation fails first
+        for i, (kind, role) in enumerate([("exact", "first_moment"), ("count_min", "second_moment")]):
+            prob.slot_kind[i], prob.slot_role[i], prob.slot[i] = KIND[kind], ROLE[role], 16
+        for k, v in over.items():
+            setattr(prob, k, v) if not isinstance(v, tuple) else getattr(prob, k).__setitem__(*v)
+        return prob
+    grad = ctypes.c_void_p(16)
+    einval = 1000
+    assert library.ks_dense_apply(ctypes.byref(problem(slot_role=(1, ROLE["first_moment"]))), grad, None) == einval
+    assert library.ks_dense_apply(ctypes.byref(problem(slot_role=(0, 7))), grad, None) == einval
+    assert library.ks_dense_apply(ctypes.byref(problem(optimizer=OPT["momentum"])), grad, None) == einval
+    assert library.ks_dense_apply(ctypes.byref(problem(rows=2**62)), grad, None) == einval
+    library.ks_sparse_workspace_bytes.restype = ctypes.c_size_t
+    assert library.ks_sparse_workspace_bytes(ctypes.byref(problem(dim=2**62)), ctypes.c_int64(2**40)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +157,24 @@ def _query(table, kind, b, s, signed):
     return v[m] if len(b) % 2 else 0.5 * (v[m - 1] + v[m])
 
 
-def _roles(opt, n):
-    return {"adam": ("m", "v") if n == 2 else ("v",), "adagrad": ("v",), "momentum": ("m",),
-            "rmsprop": ("v", "m") if n == 2 else ("v",)}[opt]
+ROLE_OF = {"m": "first_moment", "v": "second_moment"}
 
 
-def _reference(opt, kinds, param, slots, hashes, coefs, grad, ids, nesterov):
+def _roles(opt, n, reverse=False):
+    roles = {"adam": ("m", "v") if n == 2 else ("v",), "adagrad": ("v",), "momentum": ("m",),
+             "rmsprop": ("v", "m") if n == 2 else ("v",)}[opt]
+    return roles[::-1] if reverse else roles
+
+
+def _reference(opt, kinds, roles, param, slots, hashes, coefs, grad, ids, nesterov):
     rows, dim = param.shape
     param, slots = param.copy(), [s.copy() for s in slots]
-    roles = _roles(opt, len(kinds))
     c = coefs
     width = next((s.shape[1] for s, k in zip(slots, kinds) if k != "exact"), rows)
     b, sg = _locate(hashes, ids, width, rows)
     est = {}
-    for si, (kind, role) in enumerate(zip(kinds, roles)):
+    for si in sorted(range(len(roles)), key=lambda i: roles[i] != "v"):  # v first
+        kind, role = kinds[si], roles[si]
         decay, scale, dm1 = c[2 + 3 * si: 5 + 3 * si]
         if role == "v":
             x = grad * grad
@@ -159,15 +210,19 @@ CASES = [("adam", ["exact", "count_min"]), ("adam", ["count_min"]),
          ("rmsprop", ["count_min", "exact"])]
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["declared", "reversed"])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dim,depth,width", [(1, 1, 5), (7, 3, 9), (31, 8, 4), (32, 2, 1),
                                              (33, 1, 40), (1000, 5, 11), (4097, 4, 3)])
-def test_kernels_match_numpy_reference(gpu, sparse, dim, depth, width):
+def test_kernels_match_numpy_reference(gpu, sparse, dim, depth, width, reverse):
     rng = np.random.default_rng(dim)
     rows = 40
     if width >= rows:
         depth, width = 1, rows
     for opt, kinds in CASES:
+        roles = _roles(opt, len(kinds))
+        if reverse:  # the launcher is told the roles: slot order must not matter
+            kinds, roles = kinds[::-1], roles[::-1]
         param = rng.normal(size=(rows, dim)).astype(np.float32)
         slots = [np.abs(rng.normal(size=(rows, dim) if k == "exact" else (depth, width, dim)))
                  .astype(np.float32) for k in kinds]
@@ -175,15 +230,15 @@ def test_kernels_match_numpy_reference(gpu, sparse, dim, depth, width):
         coefs = np.array([0.01, 1e-3] + [0.9, 0.1, -0.1] * len(kinds), np.float32)
         ids = (rng.choice(rows, size=15, replace=False) if sparse else np.arange(rows))
         grad = rng.normal(size=(len(ids), dim)).astype(np.float32)
-        want_p, want_s = _reference(opt, kinds, param, slots, hashes, coefs, grad, ids, True)
+        want_p, want_s = _reference(opt, kinds, roles, param, slots, hashes, coefs, grad, ids, True)
         dev = Device(gpu)
         try:
             prob = Problem(optimizer=OPT[opt], nesterov=1, num_slots=len(kinds), rows=rows,
                            dim=dim, depth=depth, width=width)
             prob.param = dev.put(param)
             ptrs = [dev.put(s) for s in slots]
-            for i, (k, p) in enumerate(zip(kinds, ptrs)):
-                prob.slot_kind[i], prob.slot[i] = KIND[k], p
+            for i, (k, r, p) in enumerate(zip(kinds, roles, ptrs)):
+                prob.slot_kind[i], prob.slot_role[i], prob.slot[i] = KIND[k], ROLE[ROLE_OF[r]], p
             for j in range(depth):
                 for q in range(4):
                     prob.hash[j][q] = int(hashes[j, q])
@@ -212,9 +267,10 @@ def test_dense_kernel_bandwidth(gpu, capsys):
     n, width = 4096, 820
     dev = Device(gpu)
     try:
-        prob = Problem(optimizer=0, num_slots=1, rows=n, dim=n, depth=1, width=width)
+        prob = Problem(optimizer=OPT["adam"], num_slots=1, rows=n, dim=n, depth=1, width=width)
         prob.param = dev.put(np.zeros((n, n), np.float32))
-        prob.slot_kind[0], prob.slot[0] = 2, dev.put(np.zeros((1, width, n), np.float32))
+        prob.slot_kind[0], prob.slot[0] = KIND["count_min"], dev.put(np.zeros((1, width, n), np.float32))
+        prob.slot_role[0] = ROLE["second_moment"]
         prob.hash[0][0], prob.hash[0][1] = 12345, 678
         for i, v in enumerate([1e-3, 1e-7, 0.999, 0.001, -0.001]):
             prob.coefs[i] = v
