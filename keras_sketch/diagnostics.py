@@ -37,18 +37,18 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, Sketch, hash_params, sketch_width
+from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params, sketch_width
 from keras_sketch.state import Layout
 from keras_sketch.optimizers.sm3 import min_over_covers
 
 DEFAULT_METHODS = {
-    "count_sketch": dict(kind="count_sketch", depth=3),
-    "count_min": dict(kind="count_min", depth=3),
-    "count_min_clean": dict(kind="count_min", depth=3, cleaning=(0.5, 125)),
+    COUNT_SKETCH: dict(kind=COUNT_SKETCH, depth=3),
+    COUNT_MIN: dict(kind=COUNT_MIN, depth=3),
+    "count_min_clean": dict(kind=COUNT_MIN, depth=3, cleaning=(0.5, 125)),
     "sm3": dict(kind="sm3"),
     "rank1": dict(kind="rank1"),
 }
-KINDS = ("exact", "count_sketch", "count_min", "sm3", "sm3_I", "rank1")
+KINDS = (EXACT, COUNT_SKETCH, COUNT_MIN, "sm3", "sm3_I", "rank1")
 
 
 # --- estimators ------------------------------------------------------------------

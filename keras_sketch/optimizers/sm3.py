@@ -27,6 +27,7 @@ from keras_sketch.tf_internals import variable_path
 
 from keras_sketch.optimizers.base import CompressedStateMixin, _clean, check_beta, check_number
 from keras_sketch import guard, memory
+from keras_sketch.sketch import EXACT
 from keras_sketch.state import merge_duplicates
 from keras_sketch.tf_internals import tf_variable, variable_path
 
@@ -209,11 +210,11 @@ def _memory_row(var, covers, momentum):
     """A ``memory.variable_row``-compatible dict (the exact optimizer is AdaGrad,
     one full-size slot, plus a full-size momentum when SM3 keeps one)."""
     nbytes = lambda v: int(np.prod(v.shape, dtype=np.int64)) * memory.itemsize(v.dtype)  # noqa: E731
-    kind = "sm3_cover" if len(covers) > 1 else "exact"
+    kind = "sm3_cover" if len(covers) > 1 else EXACT
     states = {f"sm3_{i}": (kind, tuple(int(s) for s in c.shape)) for i, c in enumerate(covers)}
     state_bytes = sum(nbytes(c) for c in covers)
     if momentum is not None:
-        states["m"] = ("exact", tuple(int(s) for s in momentum.shape))
+        states["m"] = (EXACT, tuple(int(s) for s in momentum.shape))
         state_bytes += nbytes(momentum)
     return {
         "variable": variable_path(var),
