@@ -134,12 +134,13 @@ def main(argv=None):
                  ("ms_per_step", "ms/step")])
     print("(ms/step: median wall time of a training step after the first 3; the machine may be shared)")
     out = Path(args.output)
+    png, js = out.with_name(out.name + ".png"), out.with_name(out.name + ".json")  # the stem may contain dots
     title = "WikiText-2 LSTM LM" + (" (bundled sample)" if data["sample"] else "")
-    plot = plot_curves(curves, out.with_suffix(".png"), title, bars={r["optimizer"]: r["state_bytes"] / 1e6 for r in rows})
-    save_json(out.with_suffix(".json"), {"args": vars(args), "data": data["desc"], "sample": data["sample"],
+    plot = plot_curves(curves, png, title, bars={r["optimizer"]: r["state_bytes"] / 1e6 for r in rows})
+    save_json(js, {"args": vars(args), "data": data["desc"], "sample": data["sample"],
                                          "results": rows, "memory_reports": reports})
     print(f"plot (loss curves, state bytes): {plot}")
-    print(f"results: {out.with_suffix('.json')}")
+    print(f"results: {js}")
     return rows
 
 
