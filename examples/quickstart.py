@@ -85,8 +85,8 @@ def main(argv=None):
     print(f"data: {data['desc']}")
     print("(WikiText-2's training split is not on disk here: the validation split serves as training text)")
     if data["sample"]:
-        print("NOTE: this is the small sample bundled with the repository, not the full WikiText-2: expect higher "
-              "perplexities than with the full data, and compare the optimizers only with each other.")
+        print("NOTE: this is the small sample bundled with the repository, not the full WikiText-2: its perplexities "
+              "are not comparable with full-data figures; compare the optimizers only with each other.")
     steps = len(data["x"]) // args.batch
     if args.max_steps:
         steps = min(steps, args.max_steps)

@@ -249,9 +249,14 @@ def _from_tfds(splits, tfds_dir, download):
                         "directory (or use another --tfds-dir / TFDS_DATA_DIR) and run with --download where there "
                         "is network, or train on the validation split.")
     tokens = {}
-    for split in splits:
-        lines = (ex["text"].decode("utf-8") for ex in tfds.as_numpy(builder.as_dataset(split=split)))
-        tokens[split] = tokens_of_lines(lines)
+    try:
+        for split in splits:
+            lines = (ex["text"].decode("utf-8") for ex in tfds.as_numpy(builder.as_dataset(split=split)))
+            tokens[split] = tokens_of_lines(lines)
+    except Exception as err:  # noqa: BLE001 - e.g. a damaged or half-written directory
+        raise DataError(f"Reading the TFDS wikitext2_words data in {builder.data_dir} ({origin}) failed: "
+                        f"{type(err).__name__}: {str(err).strip()[:300]}. Remove that directory to prepare it "
+                        "again, or choose another one with --tfds-dir or TFDS_DATA_DIR.") from None
     source = f"TFDS wikitext2_words in {builder.data_dir} ({origin}; {where})"
     return WikiText(tokens, source)
 
