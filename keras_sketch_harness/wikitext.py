@@ -230,7 +230,7 @@ def _from_tfds(splits, tfds_dir, download):
     chosen = "--tfds-dir" if tfds_dir else ("TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "TFDS's default")
     where = f"data directory from {chosen}; choose it with --tfds-dir or TFDS_DATA_DIR"
     if prepared:
-        origin = f"prepared earlier ({_prepared_note(builder)})"
+        origin = f"prepared by an earlier run, perhaps of another clone: {_prepared_note(builder)}"
     elif not _missing(SHARED_DIR, splits):
         print(f"writing prepared WikiText-2 (TFDS wikitext2_words) to {builder.data_dir} ({where})", flush=True)
         _prepare(builder, SHARED_DIR)

@@ -143,7 +143,7 @@ def test_shared_data_is_prepared_once_and_later_runs_say_where_it_came_from(noth
     monkeypatch.setattr(wikitext, "SHARED_DIR", nothing_present / "gone")
     later = wikitext.load_wikitext2(("validation", "test"))
     assert later.tokens == first.tokens and not later.sample
-    assert f"prepared earlier (prepared from {shared} on " in later.source
+    assert f"prepared by an earlier run, perhaps of another clone: prepared from {shared} on " in later.source
     with pytest.raises(wikitext.DataError, match="training split exists only in the official archive"):
         wikitext.load_wikitext2(("train", "test"))
 
