@@ -89,7 +89,9 @@ setup(
     description="Count-sketch compressed optimizer state for Keras 3 / TensorFlow",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["keras_sketch", "keras_sketch.*"]),
+    # keras_sketch_harness: the small harness shared by examples/ and benchmarks/ (not part of the library's API).
+    packages=find_packages(include=["keras_sketch", "keras_sketch.*", "keras_sketch_harness"]),
+    package_data={"keras_sketch_harness": ["wikitext2_sample/*.txt", "wikitext2_sample/README.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildOps},
     python_requires=">=3.10",

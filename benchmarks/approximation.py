@@ -1,7 +1,7 @@
 """How close does each compressed AdaGrad state stay to the exact one, and
 does the difference matter?  (The SM3 reviewer's questions; issue 5.)
 
-Trains the WikiText-2 LSTM language model of ``examples/lm_data.py`` (train
+Trains the WikiText-2 LSTM language model of ``keras_sketch_harness.lm`` (train
 on the validation split, test on the test split: the training split is not
 available offline) with exact AdaGrad while ``keras_sketch.diagnostics``
 shadows its accumulator with every estimator at equal memory, then trains the
@@ -18,22 +18,23 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+from keras_sketch_harness import startup
+
+tf = startup.import_tensorflow()  # without TensorFlow's start-up notices
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_sketch  # noqa: E402
 from keras_sketch import diagnostics as dg  # noqa: E402
-from keras_sketch.memory import keras_state_bytes  # noqa: E402
-from lm_data import Vocabulary, bptt_batches, build_lm, lm_loss, load_wikitext2  # noqa: E402
+from keras_sketch_harness.harness import state_bytes  # noqa: E402
+from keras_sketch_harness.lm import build_lm, lm_loss  # noqa: E402
+from keras_sketch_harness.wikitext import Vocabulary, bptt_batches, load_wikitext2  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Warmup(keras.optimizers.schedules.LearningRateSchedule):
@@ -99,11 +100,10 @@ def main(argv=None):
     p.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "approximation.md"))
     args = p.parse_args(argv)
-    tf.get_logger().setLevel("ERROR")
     started = time.time()
 
-    train_tokens, source = load_wikitext2("validation")
-    test_tokens, _ = load_wikitext2("test")
+    text = load_wikitext2(("validation", "test"))
+    train_tokens, test_tokens, source = text.tokens["validation"], text.tokens["test"], text.source
     vocab = Vocabulary(train_tokens, args.vocab)
     x, y = bptt_batches(vocab.encode(train_tokens), args.batch, args.bptt)
     tx, ty = bptt_batches(vocab.encode(test_tokens), args.batch, args.bptt)
@@ -150,10 +150,7 @@ def main(argv=None):
         model.fit(x, y, batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0, callbacks=callbacks)
         seconds = time.time() - t0
         test_loss = float(model.evaluate(tx, ty, batch_size=args.batch, verbose=0))
-        if hasattr(optimizer, "memory_report"):
-            state = optimizer.memory_report().state_bytes
-        else:
-            state = keras_state_bytes(optimizer)
+        state = state_bytes(optimizer)
         results["runs"][name] = {
             "train_loss": losses.losses,
             "final_train_loss_last100": float(np.mean(losses.losses[-100:])),

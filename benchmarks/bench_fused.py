@@ -21,32 +21,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+tf = common.quiet_tf()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_sketch import fused  # noqa: E402
 from keras_sketch.optimizers.adam import CSAdam  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-START, END = "<!-- bench_fused:start -->", "<!-- bench_fused:end -->"
 
 
-def timed(step, repeats, warmup=3):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(step, repeats):
+    return common.median_time(step, repeats, warmup=3)
 
 
 def keras_step(optimizer, var, grad, jit=False):
@@ -165,9 +156,7 @@ def targets(dense, sparse):
 
 
 def write_results_md(text, meta):
-    path = os.path.join(HERE, "RESULTS.md")
     section = "\n".join([
-        START,
         "## Fused sketch-update op (benchmarks/bench_fused.py)",
         "",
         f"Machine: {meta['machine']}; TensorFlow {meta['tensorflow']}, Keras {meta['keras']}, "
@@ -189,15 +178,8 @@ def write_results_md(text, meta):
         "the shipped build may not assume AVX-512) while XLA's SGD is a pure stream. Both sparse "
         "paths merge duplicate ids with one tf.unique before the update, as the lazy baseline "
         "does (a static-shape sort-based merge is used only under XLA). See docs/fused_op.md.",
-        END,
     ])
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    common.replace_section(common.RESULTS_MD, "bench_fused", section)
 
 
 def main():
@@ -233,11 +215,10 @@ def main():
     meta.update(dense=dense, sparse=sparse)
     print("\n".join(targets(dense, sparse)))
     if not args.no_write and not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "bench_fused.json"), "w") as f:
-            json.dump({"meta": {k: v for k, v in meta.items() if k not in ("dense", "sparse")},
-                       "dense_seconds": dense, "sparse_seconds": sparse,
-                       "sizes": {"dense": [n, n], "sparse": [rows, dim, k]}}, f, indent=2)
+        common.save_json(common.RESULTS_DIR / "bench_fused.json",
+                         {"meta": {k: v for k, v in meta.items() if k not in ("dense", "sparse")},
+                          "dense_seconds": dense, "sparse_seconds": sparse,
+                          "sizes": {"dense": [n, n], "sparse": [rows, dim, k]}})
         write_results_md(text, meta)
 
 

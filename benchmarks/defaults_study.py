@@ -27,12 +27,8 @@ reused when the settings match) and a section of benchmarks/RESULTS.md.
 import argparse
 import math
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 # name -> (description, kwargs for CSAdam, or "adam"/"adam_b0" for Keras Adam)
 CONFIGS = {
@@ -56,35 +52,17 @@ CONFIGS = {
                dict(beta_1=0.0, compression=0.6, hash_axis="auto")),
     "b0_emb_only": ("CSAdam beta_1=0, only the embedding sketched", dict(beta_1=0.0, hash_axis="first")),
 }
-GRID = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
-START = (8e-3, 1.6e-2)  # the walk starts here (Adam's best rates in a first pass at 2 epochs)
+GRID = common.LR_GRID
+START = common.LR_START  # the walk starts here (Adam's best rates in a first pass at 2 epochs)
+adaptive_rates = common.adaptive_rates  # runs the two start rates, then walks toward the better side
 
 
 def make_factory(spec, lr, clipnorm):
-    import keras
-
-    import keras_sketch
-
     if spec == "adam":
-        return lambda: keras.optimizers.Adam(lr, clipnorm=clipnorm)
+        return lambda: common.make_optimizer("adam", lr, clipnorm=clipnorm)
     if spec == "adam_b0":
-        return lambda: keras.optimizers.Adam(lr, beta_1=0.0, clipnorm=clipnorm)
-    return lambda: keras_sketch.CSAdam(lr, clipnorm=clipnorm, **spec)
-
-
-def adaptive_rates(ppl_of, grid, start):
-    """Runs the two ``start`` rates (neighbours in ``grid``), then walks toward the better side."""
-    i, j = grid.index(start[0]), grid.index(start[1])
-    res = {grid[i]: ppl_of(grid[i]), grid[j]: ppl_of(grid[j])}
-    step = 1 if res[grid[j]] < res[grid[i]] else -1
-    k = j if step == 1 else i
-    while 0 <= k + step < len(grid):
-        nxt = grid[k + step]
-        res[nxt] = ppl_of(nxt)
-        if res[nxt] >= res[grid[k]]:
-            break
-        k += step
-    return res
+        return lambda: common.make_optimizer("adam", lr, clipnorm=clipnorm, beta_1=0.0)
+    return lambda: common.make_optimizer("csadam", lr, clipnorm=clipnorm, **spec)
 
 
 def _regression_step(w, opt):
@@ -102,11 +80,9 @@ def _regression_step(w, opt):
 
 def dense_check(steps=200, rows=4000, cols=16, compression=0.2, seed=0, grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2)):
     """Linear regression y = x W*, W [rows, cols], every row sketched."""
-    import numpy as np
     import keras
+    import numpy as np
     import tensorflow as tf
-
-    import keras_sketch
 
     rng = np.random.default_rng(seed)
     n = 16384
@@ -115,17 +91,17 @@ def dense_check(steps=200, rows=4000, cols=16, compression=0.2, seed=0, grid=(3e
     y = x @ w_true
     xv, yv = tf.constant(x[-2048:]), tf.constant(y[-2048:])
     configs = {
-        "adam": ("keras Adam", lambda lr: keras.optimizers.Adam(lr)),
-        "v": ("CSAdam exact m + count-min v", lambda lr: keras_sketch.CSAdam(lr, min_rows=0, compression=compression)),
+        "adam": ("keras Adam", lambda lr: common.make_optimizer("adam", lr)),
+        "v": ("CSAdam exact m + count-min v",
+              lambda lr: common.make_optimizer("csadam", lr, min_rows=0, compression=compression)),
         "v_d3": ("CSAdam exact m + count-min v, depth 3",
-                 lambda lr: keras_sketch.CSAdam(lr, min_rows=0, compression=compression, depth=3)),
+                 lambda lr: common.make_optimizer("csadam", lr, min_rows=0, compression=compression, depth=3)),
         "mv": ("CSAdam count-sketch m + count-min v",
-               lambda lr: keras_sketch.CSAdam(lr, min_rows=0, compression=compression, first_moment="sketch")),
+               lambda lr: common.make_optimizer("csadam-mv", lr, min_rows=0, compression=compression)),
         "mv_d3": ("CSAdam count-sketch m + count-min v, depth 3",
-                  lambda lr: keras_sketch.CSAdam(lr, min_rows=0, compression=compression, first_moment="sketch",
-                                                 depth=3)),
+                  lambda lr: common.make_optimizer("csadam-mv", lr, min_rows=0, compression=compression, depth=3)),
         "b0": ("CSAdam beta_1=0 + count-min v",
-               lambda lr: keras_sketch.CSAdam(lr, min_rows=0, compression=compression, beta_1=0.0)),
+               lambda lr: common.make_optimizer("csadam", lr, min_rows=0, compression=compression, beta_1=0.0)),
     }
     initial = float(tf.reduce_mean(tf.square(yv)))
     out = {"initial_mse": initial, "rows": rows, "cols": cols, "compression": compression, "steps": steps,

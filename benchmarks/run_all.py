@@ -30,15 +30,11 @@ benchmarks/RESULTS.md (not in ``--quick`` mode unless ``--markdown``).
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 PLOTS = common.RESULTS_DIR / "plots"
 PAPER_LM = dict(vocab=33278, embed=672, hidden=672, layers=2, batch=20, bptt=35)
@@ -46,41 +42,41 @@ QUICK_LM = dict(vocab=2000, embed=32, hidden=32, layers=1, batch=8, bptt=10)
 
 
 # --------------------------------------------------------------------------- optimizers
+MEMORY_CONFIGS = {  # row -> (harness optimizer name, arguments; "c": the table's compression, class axis sketched)
+    "Adam (keras)": ("adam", {}),
+    "CSAdam() default (hash_axis='first': no class axis)": ("csadam", {"hash_axis": "first", "compression": None}),
+    "CSAdam-MV (sketched m and v)": ("csadam-mv", "c"),
+    "CSAdam-V (exact m, sketched v)": ("csadam", "c"),
+    "CSAdam no 1st moment (beta_1=0)": ("csadam-v0", "c"),
+    "CSAdagrad": ("csadagrad", "c"),
+    "CSRMSprop": ("csrmsprop", "c"),
+    "SM3 (momentum 0.9)": ("sm3", {"momentum": 0.9, "beta_2": 0.999}),
+    "SM3 (no momentum)": ("sm3", {}),
+    "Adafactor (keras)": ("adafactor", {}),
+}
+
+
 def optimizer_specs(compression):
     """name -> factory(lr) for the memory table (lr irrelevant there)."""
-    import keras
 
-    import keras_sketch
+    def factory(name, kwargs):
+        if kwargs == "c":  # the paper's setting: class axis sketched too
+            kwargs = dict(compression=compression, hash_axis="auto")
+        kwargs = {k: (compression if v is None else v) for k, v in kwargs.items()}
+        return lambda lr: common.make_optimizer(name, lr, **kwargs)
 
-    c = dict(compression=compression, hash_axis="auto")  # the paper's setting: class axis sketched too
-    specs = {
-        "Adam (keras)": lambda lr: keras.optimizers.Adam(lr),
-        "CSAdam() default (hash_axis='first': no class axis)": lambda lr: keras_sketch.CSAdam(
-            lr, compression=compression, hash_axis="first"),
-        "CSAdam-MV (sketched m and v)": lambda lr: keras_sketch.CSAdam(lr, first_moment="sketch", **c),
-        "CSAdam-V (exact m, sketched v)": lambda lr: keras_sketch.CSAdam(lr, **c),
-        "CSAdam no 1st moment (beta_1=0)": lambda lr: keras_sketch.CSAdam(lr, beta_1=0.0, **c),
-        "CSAdagrad": lambda lr: keras_sketch.CSAdagrad(lr, **c),
-        "CSRMSprop": lambda lr: keras_sketch.CSRMSprop(lr, **c),
-    }
-    if hasattr(keras_sketch, "SM3"):
-        specs["SM3 (momentum 0.9)"] = lambda lr: keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999)
-        specs["SM3 (no momentum)"] = lambda lr: keras_sketch.SM3(lr)
-    specs["Adafactor (keras)"] = lambda lr: keras.optimizers.Adafactor(lr)
-    return specs
+    return {row: factory(name, kwargs) for row, (name, kwargs) in MEMORY_CONFIGS.items()}
 
 
 # --------------------------------------------------------------------------- memory
 def memory_section(quick):
     import keras
 
-    from lm_data import build_lm
-
     size = QUICK_LM if quick else PAPER_LM
     min_rows = 256 if quick else 4096
     out = {"model": size, "min_rows": min_rows, "state": {}, "peak_rss": {}}
     keras.utils.set_random_seed(0)
-    model = build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], steps=size["bptt"])
+    model = common.build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], steps=size["bptt"])
     params = sum(int(v.numpy().size) for v in model.trainable_variables)
     out["parameters"] = params
     for compression in (0.2, 0.05):
@@ -115,20 +111,18 @@ def memory_section(quick):
 
 def peak_child(name, steps, quick):
     """Trains the memory model for ``steps`` steps; prints the peak RSS."""
-    import numpy as np
-    import keras
-
-    from lm_data import build_lm, lm_loss
-
     common.quiet_tf()
+    import keras
+    import numpy as np
+
     size = QUICK_LM if quick else PAPER_LM
     keras.utils.set_random_seed(0)
-    model = build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], dropout=0.5,
-                     steps=size["bptt"])
+    model = common.build_lm(size["vocab"], size["embed"], size["hidden"], layers=size["layers"], dropout=0.5,
+                            steps=size["bptt"])
     opt = optimizer_specs(0.2)[name](1e-3)
     if hasattr(opt, "min_rows") and quick:
         opt.min_rows = 256
-    model.compile(optimizer=opt, loss=lm_loss())
+    model.compile(optimizer=opt, loss=common.lm_loss())
     rng = np.random.default_rng(0)
     n = size["batch"] * steps
     x = rng.integers(0, size["vocab"], (n, size["bptt"])).astype("int32")
@@ -158,26 +152,18 @@ FROM_STUDY = {"Adam (keras)": "adam", "CSAdam-V c=0.2": "default", "CSAdam-MV c=
 
 
 def quality_factory(kind, compression, lr, clipnorm):
-    import keras
-
-    import keras_sketch
-
-    if kind == "adam":
-        return lambda: keras.optimizers.Adam(lr, clipnorm=clipnorm)
-    if kind == "adafactor":
-        return lambda: keras.optimizers.Adafactor(lr, clipnorm=clipnorm)
+    if kind in ("adam", "adafactor"):
+        return lambda: common.make_optimizer(kind, lr, clipnorm=clipnorm)
     if kind == "sm3":
-        return lambda: keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999, clipnorm=clipnorm)
+        return lambda: common.make_optimizer("sm3", lr, clipnorm=clipnorm, momentum=0.9, beta_2=0.999)
     # CSAdam-V / -MV rows sketch the class axis too (hash_axis="auto", the paper's setting); "v_first" is
     # CSAdam()'s default layout (rows only).
-    extra = {"first_moment": "sketch"} if kind == "mv" else {}
+    name = "csadam-mv" if kind == "mv" else "csadam"
     axis = "first" if kind == "v_first" else "auto"
-    return lambda: keras_sketch.CSAdam(lr, compression=compression, clipnorm=clipnorm, hash_axis=axis, **extra)
+    return lambda: common.make_optimizer(name, lr, clipnorm=clipnorm, compression=compression, hash_axis=axis)
 
 
 def quality_section(quick, out_path):
-    import defaults_study
-
     if quick:
         s = dict(epochs=1, max_train_tokens=6000, max_test_tokens=3000, vocab=500, embed=16, hidden=16, batch=32,
                  bptt=35, clipnorm=1.0, seed=0)
@@ -187,8 +173,8 @@ def quality_section(quick, out_path):
                  batch=32, bptt=35, clipnorm=1.0, seed=0)
         # The study's grid, extended upward: Adafactor's step is relative to the parameters' RMS, so its best
         # learning rate is far larger; the walk stops once a best is bracketed, so others never go there.
-        grid = defaults_study.GRID + [0.128, 0.256, 0.512]
-        start, configs = defaults_study.START, list(QUALITY_CONFIGS)
+        grid = common.LR_GRID + [0.128, 0.256, 0.512]
+        start, configs = common.LR_START, list(QUALITY_CONFIGS)
     if quick:
         s["min_rows"] = 256
     results = common.load_json(out_path, {})
@@ -221,7 +207,7 @@ def quality_section(quick, out_path):
                   flush=True)
             return r["test_ppl"]
 
-        defaults_study.adaptive_rates(ppl_of, grid, start)
+        common.adaptive_rates(ppl_of, grid, start)
     common.save_json(out_path, results)
     return results
 
@@ -242,27 +228,21 @@ def speed_section(quick, repeats):
     import keras
     import tensorflow as tf
 
-    import keras_sketch
     from keras_sketch import fused as fused_mod
 
     fused_ok = fused_mod.load() is not None
     rows, dim, k, n = (100_000, 16, 512, 512) if quick else (1_000_000, 64, 4096, 4096)
     min_rows = 256 if quick else 4096
-    cs = {
-        "CSAdam-V (default)": lambda f: keras_sketch.CSAdam(fused=f, min_rows=min_rows),
-        "CSAdam-MV": lambda f: keras_sketch.CSAdam(first_moment="sketch", fused=f, min_rows=min_rows),
-        "CSAdam beta_1=0": lambda f: keras_sketch.CSAdam(beta_1=0.0, fused=f, min_rows=min_rows),
-        "CSAdagrad": lambda f: keras_sketch.CSAdagrad(fused=f, min_rows=min_rows),
-        "CSRMSprop": lambda f: keras_sketch.CSRMSprop(fused=f, min_rows=min_rows),
-    }
-    cases = {"Adam (keras)": lambda: keras.optimizers.Adam()}
-    for name, make in cs.items():
+    cs = {"CSAdam-V (default)": "csadam", "CSAdam-MV": "csadam-mv", "CSAdam beta_1=0": "csadam-v0",
+          "CSAdagrad": "csadagrad", "CSRMSprop": "csrmsprop"}
+    cases = {"Adam (keras)": lambda: common.make_optimizer("adam", 1e-3)}
+    for label, name in cs.items():
+        make = lambda f, name=name: common.make_optimizer(name, 1e-3, fused=f, min_rows=min_rows)  # noqa: E731
         if fused_ok:
-            cases[f"{name}, fused op"] = lambda make=make: make(True)
-        cases[f"{name}, pure TF"] = lambda make=make: make(False)
-    if hasattr(keras_sketch, "SM3"):
-        cases["SM3"] = lambda: keras_sketch.SM3()
-    cases["Adafactor (keras)"] = lambda: keras.optimizers.Adafactor()
+            cases[f"{label}, fused op"] = lambda make=make: make(True)
+        cases[f"{label}, pure TF"] = lambda make=make: make(False)
+    cases["SM3"] = lambda: common.make_optimizer("sm3", 1e-3)
+    cases["Adafactor (keras)"] = lambda: common.make_optimizer("adafactor", 1e-3)
 
     rng = np.random.default_rng(0)
     ids = ((rng.zipf(1.2, size=k) - 1) % rows).astype("int64")
@@ -279,14 +259,7 @@ def speed_section(quick, repeats):
             var = keras.Variable(init)
             opt = make()
             step = _apply_step(opt, var, grad)
-            for _ in range(2):
-                step().numpy()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                step().numpy()
-                times.append(time.perf_counter() - t0)
-            out[case][name] = statistics.median(times)
+            out[case][name] = common.median_time(lambda: step().numpy(), repeats, warmup=2)
             print(f"speed {case:<6} {name:<32} {out[case][name] * 1e3:10.2f} ms", flush=True)
             del var, opt
     return out

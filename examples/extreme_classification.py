@@ -33,14 +33,10 @@ csrmsprop, adafactor; ``name@0.01`` sets that optimizer's compression.
 """
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from example_utils import OUTPUT_DIR, loss_recorder, make_optimizer, plot_curves, print_table, state_bytes  # noqa: E402
+OUTPUT_DIR = Path(__file__).resolve().parent / "output"
 
 
 def parse(argv):
@@ -176,9 +172,15 @@ def memory_model(args, param_bytes, opt_state_bytes):
 
 
 def main(argv=None):
+    args = parse(argv)  # before TensorFlow loads: --help answers at once
+    from keras_sketch_harness import startup
+
+    startup.import_tensorflow(announce=True)
     import keras
 
-    args = parse(argv)
+    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
+    from keras_sketch_harness.harness import state_bytes
+
     (x, y), (tx, ty) = make_data(args)
     print(f"data: structured synthetic (seed {args.seed}): {len(x):,} training / {len(tx):,} test examples, "
           f"{args.classes:,} classes, {args.features:,} features ({args.nnz} per example)")
@@ -189,14 +191,14 @@ def main(argv=None):
         model = build_model(args)
         optimizer = make_optimizer(name, args.lr, compression=float(comp or args.compression), min_rows=args.min_rows)
         model.compile(optimizer=optimizer)
-        recorder = loss_recorder()
+        recorder = fit_callbacks()
         print(f"\n== {spec} ==")
         start = time.perf_counter()
         history = model.fit(x, y, batch_size=args.batch, epochs=args.epochs, callbacks=[recorder],
                             verbose=args.verbose)
         seconds = time.perf_counter() - start
         acc, recall10 = evaluate(model, tx, ty)
-        nbytes = state_bytes(optimizer)
+        nbytes = state_bytes(optimizer, verbose=True)
         param_bytes = sum(int(v.numpy().nbytes) for v in model.trainable_variables)
         results.append(dict(optimizer=spec, train_loss=round(history.history["loss"][-1], 4), top1=round(acc, 4),
                             recall10=round(recall10, 4), param_bytes=param_bytes, state_bytes=nbytes,
@@ -222,9 +224,11 @@ def main(argv=None):
                           "batch_headroom"])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves, out.with_suffix(".png"), f"Sampled softmax, {args.classes:,} classes")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "budget_bytes": budget,
-                                                    "per_example_bytes": per_example, "results": results}, indent=1))
+    plot = plot_curves(curves, out.with_suffix(".png"), f"Sampled softmax, {args.classes:,} classes",
+                       bars={r["optimizer"]: r["state_bytes"] / 1e6 for r in results})
+    print(f"plot: {plot}")
+    save_json(out.with_suffix(".json"), {"args": vars(args), "budget_bytes": budget,
+                                         "per_example_bytes": per_example, "results": results})
     return results
 
 

@@ -22,14 +22,10 @@ and saves the loss curves to examples/output/image_classification.png.
 """
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from example_utils import OUTPUT_DIR, loss_recorder, make_optimizer, plot_curves, print_table, state_bytes  # noqa: E402
+OUTPUT_DIR = Path(__file__).resolve().parent / "output"
 
 
 def parse(argv):
@@ -106,9 +102,15 @@ def build_cnn(input_shape, n_classes):
 
 
 def main(argv=None):
+    args = parse(argv)  # before TensorFlow loads: --help answers at once
+    from keras_sketch_harness import startup
+
+    startup.import_tensorflow(announce=True)
     import keras
 
-    args = parse(argv)
+    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
+    from keras_sketch_harness.harness import state_bytes
+
     (x, y), (tx, ty), n_classes, desc = load_images(args)
     print(f"data: {desc}\n{len(x):,} training / {len(tx):,} test images of shape {x.shape[1:]}, {n_classes} classes")
     results, curves = [], {}
@@ -118,14 +120,14 @@ def main(argv=None):
         optimizer = make_optimizer(name, args.lr, compression=args.compression, min_rows=args.min_rows)
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
-        recorder = loss_recorder()
+        recorder = fit_callbacks()
         print(f"\n== {name} ==")
         start = time.perf_counter()
         history = model.fit(x, y, batch_size=args.batch, epochs=args.epochs, callbacks=[recorder],
                             verbose=args.verbose)
         seconds = time.perf_counter() - start
         test_loss, test_acc = model.evaluate(tx, ty, batch_size=256, verbose=0)
-        nbytes = state_bytes(optimizer)
+        nbytes = state_bytes(optimizer, verbose=True)
         results.append(dict(optimizer=name, train_loss=round(history.history["loss"][-1], 4),
                             test_loss=round(test_loss, 4), test_accuracy=round(test_acc, 4), state_bytes=nbytes,
                             seconds=round(seconds, 1)))
@@ -135,8 +137,10 @@ def main(argv=None):
     print_table(results, ["optimizer", "train_loss", "test_loss", "test_accuracy", "state_bytes", "seconds"])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves, out.with_suffix(".png"), "Image classification: " + desc.split(" (")[0])
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "data": desc, "results": results}, indent=1))
+    plot = plot_curves(curves, out.with_suffix(".png"), "Image classification: " + desc.split(" (")[0],
+                       bars={r["optimizer"]: r["state_bytes"] / 1e6 for r in results})
+    print(f"plot: {plot}")
+    save_json(out.with_suffix(".json"), {"args": vars(args), "data": desc, "results": results})
     return results
 
 

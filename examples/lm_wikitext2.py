@@ -8,28 +8,24 @@ number of epochs; flags scale it down to run on 2 CPU cores, e.g.
 
     python examples/lm_wikitext2.py --hidden 200 --epochs 2 --max-tokens 60000
 
-Data: the TFDS ``wikitext2_words`` builder of ``lm_data.py`` (prepared from
-``../shared/data/wikitext-2`` when it cannot download).  Only the validation
-and test splits are on disk, so the model trains on the *validation* split
-(its last ``--holdout`` fraction is held out for the plateau schedule) and
-reports perplexity on the *test* split; with ``--download`` on a machine with
-network access it trains on the real training split instead.
+Data: ``keras_sketch_harness.wikitext`` (``--data-dir`` or
+``KERAS_SKETCH_WIKITEXT_DIR``, prepared TFDS data, ``../shared/data/wikitext-2``,
+or the bundled sample; it says which).  Only the validation and test splits
+are on disk, so the model trains on the *validation* split (its last
+``--holdout`` fraction is held out for the plateau schedule) and reports
+perplexity on the *test* split; with ``--download`` on a machine with network
+access it trains on the real training split instead.
 
 Prints Keras progress bars, each optimizer's memory report and test
 perplexity, and saves the loss curves to examples/output/lm_wikitext2.png.
 """
 
 import argparse
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from example_utils import OUTPUT_DIR, loss_recorder, make_optimizer, plot_curves, print_table, state_bytes  # noqa: E402
-from lm_data import Vocabulary, bptt_batches, build_lm, lm_loss, load_wikitext2  # noqa: E402
+OUTPUT_DIR = Path(__file__).resolve().parent / "output"
 
 
 def parse(argv):
@@ -52,6 +48,9 @@ def parse(argv):
     p.add_argument("--compression", type=float, default=0.2)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--min-rows", type=int, default=4096)
+    p.add_argument("--data-dir", default=None, help="folder of WikiText-2 text files (else KERAS_SKETCH_WIKITEXT_DIR, "
+                   "prepared TFDS data, ../shared/data/wikitext-2, the bundled sample)")
+    p.add_argument("--tfds-dir", default=None, help="TFDS data directory (else TFDS_DATA_DIR, ~/tensorflow_datasets)")
     p.add_argument("--download", action="store_true", help="let TFDS download WikiText-2 (network)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1, help="Keras verbosity (1: progress bars)")
@@ -60,18 +59,35 @@ def parse(argv):
 
 
 def main(argv=None):
+    args = parse(argv)  # before TensorFlow loads: --help answers at once
+    from keras_sketch_harness import startup
+
+    startup.import_tensorflow(announce=True)
     import keras
 
-    args = parse(argv)
+    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
+    from keras_sketch_harness.harness import state_bytes
+    from keras_sketch_harness.lm import build_lm, lm_loss
+    from keras_sketch_harness.wikitext import DataError, Vocabulary, bptt_batches, load_wikitext2
+
     train_split = "train" if args.download else "validation"
-    train_tokens, source = load_wikitext2(train_split, download=args.download)
-    test_tokens, test_source = load_wikitext2("test", download=args.download)
+    try:
+        text = load_wikitext2((train_split, "test"), text_dir=args.data_dir, tfds_dir=args.tfds_dir,
+                              download=args.download)
+    except DataError as err:
+        raise SystemExit(f"lm_wikitext2: {err}") from None
+    source = text.source
+    train_tokens, test_tokens = text.tokens[train_split], text.tokens["test"]
     if args.max_tokens:
         train_tokens, test_tokens = train_tokens[: args.max_tokens], test_tokens[: args.max_tokens]
-    print(f"training text: {source} ({len(train_tokens):,} tokens)")
-    print(f"test text:     {test_source} ({len(test_tokens):,} tokens)")
+    print(f"data: {source}")
+    print(f"training text: its {train_split} split ({len(train_tokens):,} tokens); test text: its test split "
+          f"({len(test_tokens):,} tokens)")
     if train_split == "validation":
         print("(the WikiText-2 training split is not on disk: training on the validation split, testing on test)")
+    if text.sample:
+        print("NOTE: the small sample bundled with the repository, not the full WikiText-2: compare the optimizers "
+              "only with each other.")
     vocab = Vocabulary(train_tokens, args.vocab or None)
     ids = vocab.encode(train_tokens)
     cut = int(len(ids) * (1 - args.holdout))
@@ -91,7 +107,7 @@ def main(argv=None):
         model = build_lm(len(vocab), embed, args.hidden, layers=args.layers, dropout=args.dropout, steps=args.bptt)
         optimizer = make_optimizer(name, args.lr, args.clipnorm, **sketch)
         model.compile(optimizer=optimizer, loss=lm_loss())
-        recorder = loss_recorder()
+        recorder = fit_callbacks()
         callbacks = [recorder]
         if vx is not None:  # the paper divides the learning rate by 4 when validation loss plateaus
             callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.25, patience=0, min_lr=1e-6, verbose=1))
@@ -101,7 +117,7 @@ def main(argv=None):
                             validation_data=(vx, vy) if vx is not None else None, verbose=args.verbose)
         seconds = time.perf_counter() - start
         test_loss = model.evaluate(tx, ty, batch_size=args.batch, verbose=0)
-        nbytes = state_bytes(optimizer)
+        nbytes = state_bytes(optimizer, verbose=True)
         ppl = math.exp(min(test_loss, 50.0))
         results.append(dict(optimizer=name, train_loss=round(history.history["loss"][-1], 4),
                             test_ppl=round(ppl, 2), state_bytes=nbytes, seconds=round(seconds, 1)))
@@ -117,8 +133,10 @@ def main(argv=None):
                           "seconds"])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves, out.with_suffix(".png"), f"WikiText-2 LSTM {args.layers}x{args.hidden}")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "data": source, "results": results}, indent=1))
+    plot = plot_curves(curves, out.with_suffix(".png"), f"WikiText-2 LSTM {args.layers}x{args.hidden}",
+                       bars={r["optimizer"]: r["state_bytes"] / 1e6 for r in results})
+    print(f"plot: {plot}")
+    save_json(out.with_suffix(".json"), {"args": vars(args), "data": source, "results": results})
     return results
 
 

@@ -8,25 +8,30 @@ this process (one TensorFlow start-up), writing only to temporary or
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples"))
 
 
-def _import(name):
-    return importlib.import_module(name)
+@pytest.fixture
+def script(monkeypatch):
+    """Imports ``benchmarks/<name>.py`` or ``examples/<name>.py`` as ``python <file>`` would see it:
+    its own folder first on the path (for the benchmarks' sibling ``common``), for this test only."""
+
+    def load(folder, name):
+        monkeypatch.syspath_prepend(str(ROOT / folder))
+        return importlib.import_module(name)
+
+    return load
 
 
-def test_run_all_quick(tmp_path, monkeypatch):
-    common = _import("common")
+def test_run_all_quick(tmp_path, monkeypatch, script):
+    common = script("benchmarks", "common")
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
-    run_all = _import("run_all")
+    run_all = script("benchmarks", "run_all")
     monkeypatch.setattr(run_all, "PLOTS", tmp_path / "plots")
     out = run_all.main(["--quick", "--markdown"])
     mem, qual, speed = out["memory"], out["quality"], out["speed"]
@@ -47,15 +52,15 @@ def test_run_all_quick(tmp_path, monkeypatch):
         json.loads((tmp_path / "tmp" / f"{s}_quick.json").read_text())
 
 
-def test_defaults_study_quick(tmp_path):
-    study = _import("defaults_study")
+def test_defaults_study_quick(tmp_path, script):
+    study = script("benchmarks", "defaults_study")
     res = study.main(["--quick", "--out", str(tmp_path / "ds.json"), "--no-markdown"])
     assert set(res["runs"]) == {"adam", "default"}
     assert "mv" in res["dense"]["configs"]
 
 
-def test_adaptive_rates_walks_to_the_best():
-    study = _import("defaults_study")
+def test_adaptive_rates_walks_to_the_best(script):
+    study = script("benchmarks", "defaults_study")
     calls = []
 
     def f(lr):
@@ -66,8 +71,8 @@ def test_adaptive_rates_walks_to_the_best():
     assert min(res, key=res.get) == 4e-3 and calls == [8e-3, 1.6e-2, 4e-3, 2e-3]
 
 
-def test_lm_example_tiny(tmp_path):
-    ex = _import("lm_wikitext2")
+def test_lm_example_tiny(tmp_path, script):
+    ex = script("examples", "lm_wikitext2")
     res = ex.main(["--layers", "1", "--hidden", "16", "--epochs", "1", "--max-tokens", "6000", "--vocab", "300",
                    "--optimizers", "adam,csadam", "--min-rows", "100", "--verbose", "2", "--batch", "10",
                    "--output", str(tmp_path / "lm")])
@@ -76,8 +81,8 @@ def test_lm_example_tiny(tmp_path):
     assert (tmp_path / "lm.png").exists()
 
 
-def test_extreme_classification_tiny(tmp_path):
-    ex = _import("extreme_classification")
+def test_extreme_classification_tiny(tmp_path, script):
+    ex = script("examples", "extreme_classification")
     res = ex.main(["--classes", "3000", "--features", "2000", "--train-examples", "2000", "--test-examples", "300",
                    "--num-sampled", "32", "--dim", "16", "--epochs", "1", "--min-rows", "1000", "--verbose", "2",
                    "--optimizers", "adam,csadam-v0@0.05", "--output", str(tmp_path / "xc")])
@@ -86,9 +91,9 @@ def test_extreme_classification_tiny(tmp_path):
     assert (tmp_path / "xc.png").exists()
 
 
-def test_image_example_tiny(tmp_path):
+def test_image_example_tiny(tmp_path, script):
     pytest.importorskip("sklearn")
-    ex = _import("image_classification")
+    ex = script("examples", "image_classification")
     res = ex.main(["--epochs", "1", "--max-train", "256", "--optimizers", "rmsprop,csrmsprop", "--verbose", "2",
                    "--output", str(tmp_path / "img")])
     assert res[1]["state_bytes"] < res[0]["state_bytes"]
