@@ -56,9 +56,13 @@ class _Factory(type):
         return isinstance(obj, cls.ours)
 
 
-FACTORIES = {
-    name: _Factory(name, (), {"ours": ours, "defaults": defaults}) for name, (ours, defaults) in OURS.items()
-}
+def _factories(path):
+    """Keras's names -> our factories; ``path`` ``{}`` (the default: the fused
+    op where it runs) or ``{"fused": False}`` (the pure-TF path)."""
+    return {
+        name: _Factory(name, (), {"ours": ours, "defaults": {**defaults, **path}})
+        for name, (ours, defaults) in OURS.items()
+    }
 
 
 def _no_counterpart(name):
@@ -68,7 +72,7 @@ def _no_counterpart(name):
     return make
 
 
-def _get(identifier, **kwargs):
+def _get(factories, identifier, **kwargs):
     """``keras.optimizers.get`` with our optimizers for Keras's names."""
     name, config = None, {}
     if isinstance(identifier, str):
@@ -76,7 +80,7 @@ def _get(identifier, **kwargs):
     elif isinstance(identifier, dict) and "class_name" in identifier:
         name, config = identifier["class_name"], dict(identifier.get("config", {}))
     if name is not None:
-        for keras_name, factory in FACTORIES.items():
+        for keras_name, factory in factories.items():
             if name.lower() == keras_name.lower():
                 return factory(**config)
         known = getattr(keras.optimizers, name, None) or next(
@@ -87,7 +91,7 @@ def _get(identifier, **kwargs):
     return keras.optimizers.get(identifier, **kwargs)
 
 
-def _optimizers_module():
+def _optimizers_module(factories):
     """Stands in for ``keras.src.optimizers`` in Keras's test files."""
     from keras.src import optimizers as real
 
@@ -99,9 +103,9 @@ def _optimizers_module():
             and issubclass(value, real.Optimizer)
             and value not in (real.Optimizer, real.LossScaleOptimizer)
         ):
-            value = FACTORIES.get(attr) or _no_counterpart(attr)
+            value = factories.get(attr) or _no_counterpart(attr)
         setattr(module, attr, value)
-    module.get = _get
+    module.get = lambda identifier, **kwargs: _get(factories, identifier, **kwargs)
     return module
 
 
@@ -111,9 +115,15 @@ SOURCES = {
     "adagrad_test.py": ("from keras.src.optimizers.adagrad import Adagrad", "Adagrad = FACTORIES['Adagrad']"),
     "rmsprop_test.py": ("from keras.src.optimizers.rmsprop import RMSprop", "RMSprop = FACTORIES['RMSprop']"),
     "sgd_test.py": ("from keras.src.optimizers.sgd import SGD", "SGD = FACTORIES['SGD']"),
-    "optimizer_test.py": ("from keras.src import optimizers", "optimizers = _optimizers_module()"),
-    "optimizer_sparse_test.py": ("from keras.src import optimizers", "optimizers = _optimizers_module()"),
+    "optimizer_test.py": ("from keras.src import optimizers", "optimizers = _optimizers_module(FACTORIES)"),
+    "optimizer_sparse_test.py": ("from keras.src import optimizers", "optimizers = _optimizers_module(FACTORIES)"),
 }
+# Which files run on which path: all on the default path (the fused op for
+# Adam, Adagrad, RMSprop and SGD with momentum; the TF path for amsgrad,
+# centered and plain SGD); the numerical ones once more on the pure-TF path.
+# optimizer_test.py tests the base class's mechanics, the same on both paths.
+PATHS = {"": {}, "_tf": {"fused": False}}
+RUNS = [(file, "") for file in SOURCES] + [(file, "_tf") for file in SOURCES if file != "optimizer_test.py"]
 
 NO_COUNTERPART = ("adadelta", "adafactor", "adamax", "adamw", "ftrl", "lion", "nadam")
 _NO_COUNTERPART_REASON = "keras_sketch has no counterpart of Keras's {}"
@@ -164,36 +174,36 @@ def _exclusion(file, cls_name, test_name, method):
     return None, None
 
 
-def _load(file):
+def _load(file, path):
     """Keras's test file with our optimizers: its TestCase classes."""
-    path = os.path.join(KERAS_TESTS, file)
-    with open(path) as f:
+    location = os.path.join(KERAS_TESTS, file)
+    with open(location) as f:
         source = f.read()
     line, replacement = SOURCES[file]
     if line not in source.splitlines():
-        raise AssertionError(f"{path} no longer has the line {line!r}: update tests/test_keras_suite.py.")
+        raise AssertionError(f"{location} no longer has the line {line!r}: update tests/test_keras_suite.py.")
     source = "\n".join(replacement if row == line else row for row in source.splitlines())
     namespace = {
-        "__name__": f"keras_suite_{file[:-3]}",
-        "__file__": path,
-        "FACTORIES": FACTORIES,
+        "__name__": f"keras_suite_{file[:-3]}{path}",
+        "__file__": location,
+        "FACTORIES": _factories(PATHS[path]),
         "_optimizers_module": _optimizers_module,
     }
-    exec(compile(source, path, "exec"), namespace)
+    exec(compile(source, location, "exec"), namespace)
     return [v for v in namespace.values() if isinstance(v, type) and issubclass(v, unittest.TestCase)
             and v.__module__ == namespace["__name__"]]
 
 
 def _collect():
     used, classes = set(), {}
-    for file in SOURCES:
-        for cls in _load(file):
+    for file, path in RUNS:
+        for cls in _load(file, path):
             for test_name in [n for n in dir(cls) if n.startswith("test")]:
                 key, reason = _exclusion(file, cls.__name__, test_name, getattr(cls, test_name))
                 if reason:
                     used.add(key)
                     setattr(cls, test_name, unittest.skip(reason)(getattr(cls, test_name)))
-            classes[f"Keras_{file[:-3]}_{cls.__name__}"] = cls
+            classes[f"Keras_{file[:-3]}{path}_{cls.__name__}"] = cls
     stale = set(EXCLUDED) - used
     if stale:
         raise AssertionError(f"EXCLUDED lists cases Keras's test files no longer have: {sorted(stale)}")

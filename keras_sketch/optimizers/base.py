@@ -164,7 +164,7 @@ def _same(value, default):
 
 def _short(value):
     if isinstance(value, float):
-        return f"{value:.7g}"
+        return repr(float(f"{value:.7g}"))  # the float32 learning rate 0.01, not 0.009999999776
     if isinstance(value, dict) and "class_name" in value:
         return f"<{value['class_name']}>"  # a serialized schedule
     return repr(value)
