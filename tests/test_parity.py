@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import keras_sketch as ks
 from keras_sketch import fused as fused_op
+from tests.reference import RefOptimizer
 
 ROWS, DIM = 48, 5
 LOSSLESS = dict(depth=1, compression=1.0, min_rows=1)
@@ -95,6 +96,43 @@ def test_sketched_amsgrad_never_underestimates():
     assert np.all(vhat >= vhat_exact - 1e-6)
     assert np.all(vhat >= v - 1e-7)
     assert np.any(vhat > v + 1e-4)  # the running maximum is not just v
+
+
+REFERENCE_CASES = {
+    "adam_amsgrad": ("adam", dict(learning_rate=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=True)),
+    "adam_amsgrad_no_m": ("adam", dict(learning_rate=0.01, beta_1=0.0, beta_2=0.99, epsilon=1e-7, amsgrad=True)),
+    "rmsprop_centered": ("rmsprop", dict(learning_rate=0.01, rho=0.9, epsilon=1e-7, centered=True)),
+    "rmsprop_centered_momentum": ("rmsprop", dict(learning_rate=0.01, rho=0.9, epsilon=1e-7, centered=True,
+                                                  momentum=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("first_moment", ["exact", "sketch"])
+def test_sketched_new_options_match_numpy_reference(case, depth, first_moment):
+    """amsgrad and centered with sketched state, dense and sparse steps
+    (duplicate ids included), against tests/reference.py."""
+    algorithm, hp = REFERENCE_CASES[case]
+    rows = 200
+    rng = np.random.default_rng(7)
+    x0 = rng.normal(size=(rows, DIM)).astype(np.float32)
+    var = keras.Variable(x0)
+    cls = ks.CSAdam if algorithm == "adam" else ks.CSRMSprop
+    opt = cls(depth=depth, compression=0.2, min_rows=10, fused=False, first_moment=first_moment, **hp)
+    opt.build([var])
+    sketch = next(s for s in opt._slots[0].values() if s.kind == "count_min")
+    ref = RefOptimizer(algorithm, x0, sketch.params.numpy(), sketch.width, hp, sketch_m=first_moment == "sketch")
+    for step in range(8):
+        if step % 2:
+            ids = rng.integers(0, rows, 30)
+            g = rng.normal(size=(30, DIM)).astype(np.float32)
+            opt.apply([sparse(ids, g, rows)], [var])
+        else:
+            ids, g = None, rng.normal(size=(rows, DIM)).astype(np.float32)
+            opt.apply([tf.constant(g)], [var])
+        want = ref.step(g, ids)
+    np.testing.assert_allclose(var.numpy(), want, rtol=2e-4, atol=2e-5)
 
 
 def test_sketched_centered_rmsprop_stays_finite():
@@ -281,3 +319,25 @@ def test_repr_shows_class_and_non_default_arguments():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
     assert repr(ks.CSAdagrad(learning_rate=schedule)) == "CSAdagrad(learning_rate=<ExponentialDecay>)"
     assert str(ks.CSAdam(state_budget=0.02)) == "CSAdam(state_budget=0.02)"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ks.CSAdam(learning_rate=0.01, amsgrad=True, min_rows=8, compression=0.3, depth=3),
+    lambda: ks.CSRMSprop(learning_rate=0.01, centered=True, momentum=0.5, first_moment="sketch", min_rows=8,
+                         compression=0.3),
+], ids=["amsgrad", "centered"])
+def test_new_options_under_jit_compile(make):
+    """Sparse (Embedding) and dense gradients under XLA equal the eager steps."""
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 16, size=(32, 4)).astype(np.int32)
+    y = rng.normal(size=(32, 3)).astype(np.float32)
+    weights = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(64, 6),
+                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+        model.compile(optimizer=make(), loss="mse", jit_compile=jit)
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
