@@ -20,12 +20,10 @@ error, so a Keras upgrade that adds, renames or changes a case shows up here.
 
 import os
 import re
-import sys
 import types
 import unittest
 
 import keras
-import pytest
 
 import keras_sketch as ks
 

@@ -6,7 +6,6 @@ import tensorflow as tf
 from keras_sketch.optimizers.base import (
     COUNT_MIN,
     SketchOptimizer,
-    check_beta,
     check_bool,
     check_moment_option,
     check_number,
