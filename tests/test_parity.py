@@ -309,6 +309,22 @@ def test_signature_and_docstring_list_every_argument(cls):
     assert f"{cls.__name__}(learning_rate=" in pydoc.render_doc(cls)
 
 
+def test_user_subclasses_are_described_too():
+    class Plain(ks.CSAdam):
+        """My Adam."""
+
+    class Extra(ks.CSMomentum):
+        def __init__(self, boost=2.0, **kwargs):
+            super().__init__(**kwargs)
+            self.boost = boost
+
+    assert str(inspect.signature(Plain)).startswith("(learning_rate=0.001, beta_1=0.9,")
+    assert Plain.__doc__.startswith("My Adam.") and "min_rows" in Plain.__doc__
+    params = inspect.signature(Extra).parameters
+    assert list(params)[0] == "boost" and params["momentum"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert Extra(momentum=0.5).name == "extra"
+
+
 def test_repr_shows_class_and_non_default_arguments():
     assert repr(ks.CSAdam()) == "CSAdam()"
     assert repr(ks.CSAdam(learning_rate=0.01, amsgrad=True, depth=3)) == \

@@ -82,19 +82,20 @@ def describe(cls):
     class on the way is appended to its docstring.
     """
     params, docs, seen = [], [], set()
+    own = next(k for k in cls.__mro__ if "__init__" in vars(k))  # whose arguments are positional
     for klass in cls.__mro__:
         if "_shared_doc" in vars(klass):
             docs.append(vars(klass)["_shared_doc"])
         init = vars(klass).get("__init__")
         if klass is object or init is None:
             continue
-        own = list(inspect.signature(init).parameters.values())[1:]
-        for p in own:
+        taken = list(inspect.signature(init).parameters.values())[1:]
+        for p in taken:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in seen:
                 continue
             seen.add(p.name)
-            params.append(p if klass is cls else p.replace(kind=p.KEYWORD_ONLY))
-        if not any(p.kind == p.VAR_KEYWORD for p in own):
+            params.append(p if klass is own else p.replace(kind=p.KEYWORD_ONLY))
+        if not any(p.kind == p.VAR_KEYWORD for p in taken):
             break
     params.sort(key=lambda p: p.kind == p.KEYWORD_ONLY)  # stable: own arguments first
     cls.__signature__ = inspect.Signature(params)
