@@ -170,6 +170,8 @@ def test_memory_report_counts_and_paths_of_new_slots():
     sgd.build([var])
     assert len(sgd.variables) == 2  # iterations and learning rate, as Keras's SGD
     assert sgd.memory_report().state_bytes == 0 and sgd.memory_report().exact_optimizer_bytes == 0
+    if fused_op.available():
+        assert sgd.memory_report().rows[0]["path"] == "TF (plain SGD, momentum=0: the fused op has no kernel for it)"
 
 
 def test_state_budget_counts_new_slots():

@@ -37,7 +37,7 @@ class CSMomentum(SketchOptimizer):
         return {"m": (COUNT_SKETCH, 0.0)} if self.momentum > 0 else {}
 
     def _fused_unsupported(self):
-        return None if self.momentum > 0 else "momentum=0 (plain SGD, no state)"
+        return None if self.momentum > 0 else "plain SGD, momentum=0"
 
     def _step(self, g, state, lr, t):
         if not state.has("m"):
