@@ -146,7 +146,7 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     """
     exact_bytes = sum(exact_slot_count * _numel(s) * i for s, i in zip(shapes, itemsizes))
     allowed = budget * exact_bytes
-    if budget >= 1.0:
+    if budget >= 1.0 or not kinds:  # lossless, or no state at all (SGD without momentum)
         return [_exact_plan(s, kinds) for s in shapes]
     dropped = tuple(n for n in kinds if n in droppable)
     kept = {n: k for n, k in kinds.items() if n not in dropped}

@@ -112,15 +112,7 @@ class Sketch:
     # -- query -------------------------------------------------------------
     def query(self, loc):
         """Estimates ``[k, dim]`` of the rows at ``loc``."""
-        indices = self._indices(loc)
-        if in_xla_context():  # XLA has no ResourceGatherNd kernel, nor copy-on-write
-            values = tf.gather_nd(self._tensor(), indices)
-        else:
-            # Gathered from the variable itself: a full read followed by the
-            # step's scatter would copy the whole table (copy-on-write).
-            values = tf.raw_ops.ResourceGatherNd(
-                resource=self._variable().handle, indices=indices, dtype=self.table.dtype
-            )
+        values = self._gather(self._indices(loc))
         if loc.signs is not None:
             values = values * loc.signs[:, :, None]
         return self._combine(values)
@@ -155,6 +147,16 @@ class Sketch:
             parallel_iterations=1,
         )
         return tf.reshape(out, [n_chunks * chunk, self.dim])[: self.rows]
+
+    def _gather(self, indices):
+        """The raw buckets at ``indices`` (``[depth, k, 2]``)."""
+        if in_xla_context():  # XLA has no ResourceGatherNd kernel, nor copy-on-write
+            return tf.gather_nd(self._tensor(), indices)
+        # Gathered from the variable itself: a full read followed by the
+        # step's scatter would copy the whole table (copy-on-write).
+        return tf.raw_ops.ResourceGatherNd(
+            resource=self._variable().handle, indices=indices, dtype=self.table.dtype
+        )
 
     def _combine(self, values):
         if self.depth == 1:
@@ -209,6 +211,17 @@ class Sketch:
             added = tf.stack(parts)
         table = self._tensor()
         self._variable().assign(table * tf.cast(decay, table.dtype) + added)
+
+    def max_at(self, loc, source):
+        """``S <- max(S, source)`` at the buckets of ``loc``; ``source`` is a
+        sketch with the same shape and hashing.  Rows of one batch sharing a
+        bucket write the same value."""
+        indices = self._indices(loc)
+        self._variable().scatter_nd_update(indices, tf.maximum(self._gather(indices), source._gather(indices)))
+
+    def max_all(self, source):
+        """``S <- max(S, source)`` bucket by bucket, the whole table."""
+        self._variable().assign(tf.maximum(self._tensor(), source._tensor()))
 
     def scale(self, factor):
         """Cleaning: multiply the whole sketch by ``factor``."""

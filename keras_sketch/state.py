@@ -55,6 +55,13 @@ class ExactState:
     def scale(self, factor):
         self._variable().assign(self._tensor() * tf.cast(factor, self.table.dtype))
 
+    def max_at(self, loc, source):
+        """``X[loc] <- max(X[loc], source[loc])`` (``source``: exact, same shape)."""
+        self._variable().scatter_nd_update(loc[:, None], tf.maximum(self.query(loc), source.query(loc)))
+
+    def max_all(self, source):
+        self._variable().assign(tf.maximum(self._tensor(), source._tensor()))
+
     def _variable(self):
         return tf_variable(self.table)
 
@@ -126,6 +133,19 @@ def accumulate(slot, x, decay, scale, rows=None):
     return slot.query(loc)
 
 
+def running_max(slot, source, rows=None):
+    """``H <- max(H, S)`` entry by entry, ``S`` a slot kept like ``H`` (the
+    same kind, shape and hashing): for sketches bucket by bucket, at the
+    buckets of ``rows`` (every bucket when dense).  Returns H's new estimate.
+    AMSGrad's running maximum; see ``CSAdam``."""
+    if rows is None:
+        slot.max_all(source)
+        return slot.query_all()
+    loc = slot.locate(rows.ids)
+    slot.max_at(loc, source)
+    return slot.query(loc)
+
+
 class StepState:
     """The state of one variable during one step: what the update math sees."""
 
@@ -139,6 +159,10 @@ class StepState:
 
     def accumulate(self, name, x, decay, scale=1.0):
         return accumulate(self.slots[name], x, decay, scale, self.rows)
+
+    def running_max(self, name, source):
+        """``name <- max(name, source)`` (AMSGrad); returns the estimate."""
+        return running_max(self.slots[name], self.slots[source], self.rows)
 
     def ema(self, name, x, beta):
         """Exponential moving average: ``X <- beta * X + (1 - beta) * x``."""

@@ -71,6 +71,15 @@ class NpSketch:
         self.update(ids, (decay - 1.0) * prev + scale * x)
         return self.query(ids)
 
+    def running_max(self, source, ids=None):
+        """H <- max(H, S) bucket by bucket (``source`` has the same hashing),
+        at the buckets of ``ids`` (every row's when None); returns the query."""
+        ids = list(range(self.rows)) if ids is None else list(ids)
+        for j in range(len(self.table)):
+            b = [self.bucket(j, i) for i in ids]
+            self.table[j, b] = np.maximum(self.table[j, b], source.table[j, b])
+        return self.query(ids)
+
 
 def merge(indices, values):
     """Sum the values of repeated indices (ascending unique ids)."""
@@ -93,6 +102,7 @@ class RefOptimizer:
         if algorithm == "adam":
             self.m = NpSketch(params, rows, width, dim, kind_m, exact=exact_m) if hp["beta_1"] > 0 else None
             self.v = NpSketch(params, rows, width, dim, "count_min")
+            self.vhat = NpSketch(params, rows, width, dim, "count_min") if hp.get("amsgrad") else None
         elif algorithm == "adagrad":
             self.v = NpSketch(params, rows, width, dim, "count_min", init=hp["initial_accumulator_value"])
         elif algorithm == "momentum":
@@ -100,6 +110,7 @@ class RefOptimizer:
         elif algorithm == "rmsprop":
             self.v = NpSketch(params, rows, width, dim, "count_min")
             self.m = NpSketch(params, rows, width, dim, kind_m, exact=exact_m) if hp.get("momentum", 0) > 0 else None
+            self.mg = NpSketch(params, rows, width, dim, kind_m, exact=exact_m) if hp.get("centered") else None
 
     def step(self, g, indices=None):
         """Dense ``g [rows, dim]``; or sparse rows ``indices`` with values ``g``."""
@@ -114,6 +125,8 @@ class RefOptimizer:
             b1, b2 = hp["beta_1"], hp["beta_2"]
             m = self.m.accumulate(g, b1, 1 - b1, ids) if self.m is not None else g
             v = self.v.accumulate(g * g, b2, 1 - b2, ids)
+            if self.vhat is not None:  # AMSGrad: the running maximum of v
+                v = self.vhat.running_max(self.v, ids)
             m_hat = m / (1 - b1**t)
             v_hat = v / (1 - b2**t)
             # Keras puts epsilon outside the bias correction of v:
@@ -129,6 +142,8 @@ class RefOptimizer:
         elif self.alg == "rmsprop":
             rho = hp["rho"]
             v = self.v.accumulate(g * g, rho, 1 - rho, ids)
+            if self.mg is not None:  # centered: the variance around the mean gradient
+                v = np.maximum(v - self.mg.accumulate(g, rho, 1 - rho, ids) ** 2, 0.0)
             update = lr * g / np.sqrt(v + hp["epsilon"])
             if self.m is not None:
                 update = self.m.accumulate(update, hp["momentum"], 1.0, ids)

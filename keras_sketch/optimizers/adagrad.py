@@ -15,7 +15,6 @@ class CSAdagrad(SketchOptimizer):
             ``keras.optimizers.Adagrad`` (``lr * g / sqrt(acc + epsilon)``).
             Sketch buckets start at ``initial_accumulator_value``, so every
             row's estimate starts there too.
-        Sketch and Keras base arguments: see ``SketchOptimizer``.
     """
 
     def __init__(
@@ -23,7 +22,7 @@ class CSAdagrad(SketchOptimizer):
         learning_rate=0.001,
         initial_accumulator_value=0.1,
         epsilon=1e-7,
-        name="csadagrad",
+        name=None,
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)

@@ -7,6 +7,7 @@ from keras_sketch.optimizers.base import (
     COUNT_MIN,
     SketchOptimizer,
     check_beta,
+    check_bool,
     check_moment_option,
     check_number,
     moment_kind,
@@ -20,17 +21,24 @@ class CSAdam(SketchOptimizer):
     Args:
         learning_rate, beta_1, beta_2, epsilon: as ``keras.optimizers.Adam``
             (same update: ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m /
-            (sqrt(v) + epsilon)``).
+            (sqrt(v) + epsilon)``); ``beta_1`` and ``beta_2`` in [0, 1).
+        amsgrad: as Keras's: the step divides by the running maximum
+            ``vhat <- max(vhat, v)`` instead of ``v`` (Keras's 3rd slot).
+            ``vhat`` is kept like ``v``: exact where ``v`` is exact, else a
+            count-min table with ``v``'s hashing, updated bucket by bucket
+            (``max(vhat[b], v[b])`` for every bucket ``b`` the step wrote).
+            A count-min bucket holds the sum of its rows' ``v``, an upper
+            bound of each; the maximum over time of upper bounds bounds the
+            maximum of each row's ``v``, so the queried ``vhat`` never
+            underestimates exact AMSGrad's, and never falls below the
+            queried ``v``.  The fused op has no kernel for it: the pure-TF
+            path runs.
         first_moment: ``"exact"`` (default) keeps the 1st moment full-size;
             ``"sketch"`` stores it in a count-sketch too (the paper's CS-MV).
             A sketched 1st moment of a dense gradient is very noisy (README),
             so it is not the default.  ``beta_1=0`` keeps no 1st moment at all.
-        Sketch arguments (``depth``, ``compression``, ``width``, ``min_rows``,
-        ``hash_axis``, ``seed``, ``cleaning_*``): see ``SketchOptimizer``.
-        Every ``keras.optimizers.Optimizer`` argument is accepted.
     """
 
-    _exact_slot_count = 2
     _fused_kind = "adam"
 
     def __init__(
@@ -39,22 +47,33 @@ class CSAdam(SketchOptimizer):
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-7,
+        amsgrad=False,
         first_moment="exact",
-        name="csadam",
+        name=None,
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta_1 = check_beta("beta_1", beta_1)
         self.beta_2 = check_beta("beta_2", beta_2)
         self.epsilon = float(check_number("epsilon", epsilon, 0.0))
+        self.amsgrad = check_bool("amsgrad", amsgrad)
         self.first_moment = check_moment_option(first_moment)
+
+    @property
+    def _exact_slot_count(self):
+        return 3 if self.amsgrad else 2  # Keras's Adam: m, v (and vhat)
 
     def _slot_kinds(self):
         slots = {}
         if self.beta_1 > 0:
             slots["m"] = (moment_kind(self.first_moment), 0.0)
         slots["v"] = (COUNT_MIN, 0.0)
+        if self.amsgrad:
+            slots["vhat"] = (COUNT_MIN, 0.0)  # kept like v, with v's hashing
         return slots
+
+    def _fused_unsupported(self):
+        return "amsgrad" if self.amsgrad else None
 
     # state_budget may run Adam without its 1st moment (then m = g, beta_1 = 0).
     _droppable_slots = ("m",)
@@ -62,6 +81,8 @@ class CSAdam(SketchOptimizer):
     def _step(self, g, state, lr, t):
         m = state.ema("m", g, self.beta_1) if state.has("m") else g
         v = state.ema("v", g * g, self.beta_2)
+        if self.amsgrad:
+            v = state.running_max("vhat", "v")
         return self._step_size(lr, t, state.has("m")) * m / (tf.sqrt(v) + self.epsilon)
 
     def _step_size(self, lr, t, first_moment=True):
@@ -81,6 +102,7 @@ class CSAdam(SketchOptimizer):
                 "beta_1": self.beta_1,
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
                 "first_moment": self.first_moment,
             }
         )

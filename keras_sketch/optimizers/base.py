@@ -23,7 +23,7 @@ from keras_sketch import guard, memory, plan
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
 from keras_sketch.tf_internals import in_xla_context, variable_path
-from keras_sketch.optimizers import state_spec
+from keras_sketch.optimizers import describe, state_spec
 
 HASH_AXES = ("auto", "first", "last")
 MAX_DEPTH = 8
@@ -84,10 +84,23 @@ class CompressedStateMixin:
     per model variable) in ``build()``, after ``_check_variables``.
     """
 
-    def __init__(self, learning_rate, **kwargs):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        describe.describe(cls)
+
+    def __init__(self, learning_rate, name=None, **kwargs):
         if isinstance(learning_rate, numbers.Real):
             check_number("learning_rate", learning_rate, 0.0)
-        super().__init__(learning_rate=learning_rate, **kwargs)
+        if name is None:
+            name = describe.unique_name(type(self).__name__.lower())
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+
+    def __repr__(self):
+        """``CSAdam(learning_rate=0.01, amsgrad=True)``: the arguments that
+        differ from their defaults."""
+        return describe.arguments_repr(self)
+
+    _shared_doc = describe.KERAS_ARGS_DOC
 
     def _check_variables(self, var_list):
         for var in var_list:
@@ -188,34 +201,11 @@ class CompressedStateMixin:
 class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
     """Base class: Keras optimizer whose large state lives in count-sketches.
 
-    Sketch arguments (shared by all keras_sketch optimizers):
-        depth: hash functions per sketch, 1 to 8.  Default 1: at equal memory
-            one wide table beat three narrow ones in our measurements
-            (README, "Choosing the defaults").
-        compression: sketch size / exact state size, in (0, 1].  The width is
-            ``ceil(compression * rows / depth)``.
-        width: explicit width (overrides ``compression``).  ``width >= rows``
-            gives the identity map: exact, lossless state.
-        min_rows: variables whose hashed axis has fewer entries, and all
-            scalars and vectors, keep exact state.
-        hash_axis: which axis of a (flattened 2-D) variable is hashed:
-            ``"first"`` (default: the rows, e.g. the vocabulary of an
-            ``Embedding``; a ``Dense`` kernel ``[in, out]`` is sketched only
-            when ``in >= min_rows``), ``"last"``, or ``"auto"`` (the longer
-            axis: also sketches a softmax kernel along its class axis, the
-            paper's setting).  Sketched dense-gradient state damps the step,
-            so ``"auto"`` saves more memory but needs a larger learning rate
-            (about 2x Adam's best in our WikiText-2 study); the default keeps
-            ``CSAdam()`` close to ``Adam()`` at the same learning rate
-            (README, "Choosing the defaults").
-        seed: seed of the hash functions (each variable gets its own).
-        cleaning_factor, cleaning_interval: multiply count-min sketches by
-            ``cleaning_factor`` every ``cleaning_interval`` steps (the paper's
-            cleaning heuristic).  Off by default (``cleaning_interval=0``).
-        fused: ``None`` (default: the fused C++ op when its library loaded,
-            or as ``KERAS_SKETCH_FUSED`` says), ``True`` (require it) or
-            ``False`` (pure-TF path).  See ``keras_sketch/fused.py``.
+    Subclasses list their own arguments; ``describe`` adds the sketch and
+    Keras arguments below to their signature and docstring.
     """
+
+    _shared_doc = describe.SKETCH_ARGS_DOC
 
     # Number of full-size slots Keras's exact optimizer keeps per variable.
     _exact_slot_count = 1
@@ -284,7 +274,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         self._check_variables(var_list)
         super().build(var_list)
         self._plans = [
-            dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), fused_op.fused_reason(self, p.layout, v))))
+            dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), self._path(p, v))))
             for p, v in zip(self._make_plans(var_list), var_list)
         ]
         self.dropped_slots = tuple(sorted({n for p in self._plans for n in p.dropped}))
@@ -308,6 +298,18 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             [memory.itemsize(v.dtype) for v in var_list],
             kinds, self._droppable_slots, self._exact_slot_count, self.state_budget, self.depth,
         )
+
+    def _path(self, var_plan, var):
+        """``(fused, reason)``: whether the fused op can run this variable's step."""
+        option = self._fused_unsupported()
+        if option:
+            return False, f"{option}: the fused op has no kernel for it"
+        return fused_op.fused_reason(self, var_plan.layout, var)
+
+    def _fused_unsupported(self):
+        """The option of this optimizer the fused op cannot run (e.g.
+        ``"amsgrad"``), or None."""
+        return None
 
     def _build_variable_state(self, index, var, var_plan):
         """Creates the state variables ``var_plan`` lists."""

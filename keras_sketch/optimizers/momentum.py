@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_beta, check_bool
+from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_bool, check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -17,19 +17,31 @@ class CSMomentum(SketchOptimizer):
 
     Args:
         learning_rate, momentum, nesterov: as ``keras.optimizers.SGD``
-            (``momentum`` in [0, 1)).
-        Sketch and Keras base arguments: see ``SketchOptimizer``.
+            (``momentum`` in [0, 1], as Keras accepts; note the default 0.9,
+            Keras's is 0).  ``momentum=0`` is plain SGD and keeps no state.
     """
 
-    def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, name="csmomentum", **kwargs):
+    def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, name=None, **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum = check_beta("momentum", momentum)
+        try:
+            self.momentum = float(check_number("momentum", momentum, 0.0, 1.0))
+        except ValueError:  # in Keras's SGD's words
+            raise ValueError(f"`momentum` must be a float between [0, 1], got {momentum!r}.") from None
         self.nesterov = check_bool("nesterov", nesterov)
 
+    @property
+    def _exact_slot_count(self):
+        return 1 if self.momentum > 0 else 0  # Keras's SGD keeps no slot without momentum
+
     def _slot_kinds(self):
-        return {"m": (COUNT_SKETCH, 0.0)}
+        return {"m": (COUNT_SKETCH, 0.0)} if self.momentum > 0 else {}
+
+    def _fused_unsupported(self):
+        return None if self.momentum > 0 else "plain SGD, momentum=0"
 
     def _step(self, g, state, lr, t):
+        if not state.has("m"):
+            return lr * g
         m = state.accumulate("m", g, decay=self.momentum)
         return lr * (g + self.momentum * m if self.nesterov else m)
 

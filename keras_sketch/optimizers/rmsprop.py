@@ -6,7 +6,7 @@ import tensorflow as tf
 from keras_sketch.optimizers.base import (
     COUNT_MIN,
     SketchOptimizer,
-    check_beta,
+    check_bool,
     check_moment_option,
     check_number,
     moment_kind,
@@ -18,11 +18,20 @@ class CSRMSprop(SketchOptimizer):
     """RMSprop whose mean-square accumulator is a count-min sketch.
 
     Args:
-        learning_rate, rho, momentum, epsilon: as ``keras.optimizers.RMSprop``
-            (``centered`` is not offered).  With ``momentum > 0`` the buffer
-            ``m <- momentum * m + lr * g / sqrt(v + epsilon)`` is exact, or a
-            count-sketch with ``first_moment="sketch"``.
-        Sketch and Keras base arguments: see ``SketchOptimizer``.
+        learning_rate, rho, momentum, epsilon, centered: as
+            ``keras.optimizers.RMSprop`` (``lr * g / sqrt(v + epsilon)``;
+            ``rho`` and ``momentum`` in [0, 1]).  With ``momentum > 0`` the
+            buffer ``m <- momentum * m + lr * g / sqrt(v + epsilon)`` is
+            exact, or a count-sketch with ``first_moment="sketch"``.
+        centered: divide by the variance estimate ``v - mg^2`` instead of
+            ``v``, with the mean gradient ``mg <- rho * mg + (1 - rho) * g``
+            (Keras's ``average_gradient`` slot).  ``mg`` is signed, so it is
+            kept like the momentum buffer: exact, or a count-sketch with
+            ``first_moment="sketch"``.  A sketched ``mg`` can overestimate
+            ``mg^2`` beyond ``v``, so ``v - mg^2`` is clamped at 0.  The fused
+            op has no kernel for it: the pure-TF path runs.
+        first_moment: ``"exact"`` (default) or ``"sketch"``: how the signed
+            slots (momentum buffer, mean gradient) are kept.
     """
 
     def __init__(
@@ -31,25 +40,39 @@ class CSRMSprop(SketchOptimizer):
         rho=0.9,
         momentum=0.0,
         epsilon=1e-7,
+        centered=False,
         first_moment="exact",
-        name="csrmsprop",
+        name=None,
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.rho = check_beta("rho", rho)
-        self.momentum = check_beta("momentum", momentum)
+        # rho = 1 keeps v at 0 and momentum = 1 never decays: defined, as in Keras.
+        self.rho = float(check_number("rho", rho, 0.0, 1.0))
+        self.momentum = float(check_number("momentum", momentum, 0.0, 1.0))
         self.epsilon = float(check_number("epsilon", epsilon, 0.0))
+        self.centered = check_bool("centered", centered)
         self.first_moment = check_moment_option(first_moment)
-        self._exact_slot_count = 2 if self.momentum > 0 else 1
+
+    @property
+    def _exact_slot_count(self):
+        return 1 + (self.momentum > 0) + self.centered  # Keras's RMSprop's slots
 
     def _slot_kinds(self):
         slots = {"v": (COUNT_MIN, 0.0)}
         if self.momentum > 0:
             slots["m"] = (moment_kind(self.first_moment), 0.0)
+        if self.centered:
+            slots["mg"] = (moment_kind(self.first_moment), 0.0)
         return slots
+
+    def _fused_unsupported(self):
+        return "centered" if self.centered else None
 
     def _step(self, g, state, lr, t):
         v = state.ema("v", g * g, self.rho)
+        if self.centered:
+            mg = state.ema("mg", g, self.rho)
+            v = tf.maximum(v - tf.square(mg), 0.0)
         increment = lr * g / tf.sqrt(v + self.epsilon)
         if self.momentum > 0:
             return state.accumulate("m", increment, decay=self.momentum)
@@ -67,6 +90,7 @@ class CSRMSprop(SketchOptimizer):
                 "rho": self.rho,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
+                "centered": self.centered,
                 "first_moment": self.first_moment,
             }
         )

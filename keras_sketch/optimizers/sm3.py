@@ -60,7 +60,7 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         Every ``keras.optimizers.Optimizer`` argument is accepted.
     """
 
-    def __init__(self, learning_rate=0.1, variant="II", momentum=0.0, beta_2=None, epsilon=0.0, name="sm3", **kwargs):
+    def __init__(self, learning_rate=0.1, variant="II", momentum=0.0, beta_2=None, epsilon=0.0, name=None, **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
