@@ -186,6 +186,7 @@ class SketchedSGD(keras.optimizers.SGD):
         self.compressed = compression is not None or any(v is not None for v in (k, rows, columns))
         self._collective_log = []
         self._sketch = None
+        self.sketch_rows = self.sketch_columns = self.update_k = self.param_count = None
 
     # -- state -------------------------------------------------------------
     def build(self, var_list):
@@ -193,17 +194,19 @@ class SketchedSGD(keras.optimizers.SGD):
             return
         if not self.compressed:
             return super().build(var_list)
-        keras.optimizers.Optimizer.build(self, var_list)
+        # Checked before any state exists: an error leaves the optimizer unbuilt.
         for v in var_list:
             if "float" not in str(v.dtype):
                 raise TypeError(f"SketchedSGD trains float variables; {v.path} is {v.dtype}.")
         sizes = [int(np.prod(v.shape)) for v in var_list]
-        self.param_count = d = int(sum(sizes))
-        self._offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
-        self._sizes = sizes
+        d = int(sum(sizes))
         if self.k is not None and self.k > d:
             raise ValueError(f"`k` must be at most the parameter count {d}, got {self.k}.")
         rows, columns, k = sketch_sizes(d, self.compression, self.mode, self.rows, self.columns, self.k)
+        keras.optimizers.Optimizer.build(self, var_list)
+        self.param_count = d
+        self._offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
+        self._sizes = sizes
         self.sketch_rows, self.sketch_columns, self.update_k = rows, columns, min(k, d)
         self.momentums = []
         if self.mode == "fetchsgd":
@@ -213,8 +216,13 @@ class SketchedSGD(keras.optimizers.SGD):
             self.replica_momentum = self._replica_variable(d, "replica_momentum")
             self.replica_error = self._replica_variable(d, "replica_error")
         if rows is not None:
-            self.hash_params = self.add_variable((rows, 4), dtype="int64", name="sketch_hash_params")
-            self.hash_params.assign(hash_params(self.seed, 0, rows))
+            # An initializer, not an assign: Keras may build the optimizer in a
+            # scope that discards assignments (model.fit's symbolic build).
+            values = hash_params(self.seed, 0, rows)
+            self.hash_params = self.add_variable(
+                (rows, 4), initializer=lambda shape, dtype=None: tf.constant(values, tf.int64), dtype="int64",
+                name="sketch_hash_params",
+            )
             table = self.sketch_momentum if self.mode == "fetchsgd" else _Shape((rows, columns, 1))
             self._sketch = Sketch(table, self.hash_params, d, COUNT_SKETCH)
 
@@ -283,7 +291,7 @@ class SketchedSGD(keras.optimizers.SGD):
             "ratio": (dense / sent) if sent else None,
             "sketch_shape": [self.sketch_rows, self.sketch_columns] if self.compressed and self.sketch_rows else None,
             "k": self.update_k if self.compressed else None,
-            "candidates": self._candidates() if self.compressed and self.mode == "two_round" else None,
+            "candidates": self._candidates() if self.update_k and self.mode == "two_round" else None,
             "collectives": list(self._collective_log),
         }
 
