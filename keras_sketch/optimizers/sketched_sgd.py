@@ -86,6 +86,8 @@ sums sketches instead and writes the identical results per device with
 exactly ``keras.optimizers.SGD(momentum=...)``.
 """
 
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -184,7 +186,7 @@ class SketchedSGD(keras.optimizers.SGD):
         self.mode = mode
         self.seed = int(seed)
         self.compressed = compression is not None or any(v is not None for v in (k, rows, columns))
-        self._collective_log = []
+        self._collective_logs = {}
         self._sketch = None
         self.sketch_rows = self.sketch_columns = self.update_k = self.param_count = None
 
@@ -242,6 +244,15 @@ class SketchedSGD(keras.optimizers.SGD):
         return variable
 
     # -- communication -------------------------------------------------------
+    @property
+    def _collective_log(self):
+        """This thread's log (MirroredStrategy traces its replicas in parallel
+        threads: each replica's step records its own collective calls)."""
+        return self._collective_logs.setdefault(threading.get_ident(), [])
+
+    def _reset_log(self):
+        self._collective_logs[threading.get_ident()] = []
+
     def _log(self, kind, tensor, round_name):
         self._collective_log.append(
             {
@@ -262,13 +273,14 @@ class SketchedSGD(keras.optimizers.SGD):
         return ctx.all_gather(tensor, axis=0)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
-        # compression=None: Keras's dense path; record what it hands over.
+        # compression=None: Keras's path; record what it hands over.  A
+        # tf.IndexedSlices is summed by gathering every replica's rows.
         grads_and_vars = list(grads_and_vars)
-        self._collective_log = []
+        self._reset_log()
         for g, _ in grads_and_vars:
             if isinstance(g, tf.IndexedSlices):
-                self._log("all_reduce", g.values, "gradient_values")
-                self._log("all_reduce", g.indices, "gradient_indices")
+                self._log("all_gather", g.values, "gradient_values")
+                self._log("all_gather", g.indices, "gradient_indices")
             elif g is not None:
                 self._log("all_reduce", g, "gradient")
         return super()._all_reduce_sum_gradients(grads_and_vars)
@@ -281,7 +293,11 @@ class SketchedSGD(keras.optimizers.SGD):
         is what the uncompressed all-reduce hands over (4 bytes x parameters).
         """
         d = sum(int(np.prod(v.shape)) for v in self._trainable_variables) if self.built else None
-        sent = sum(c["bytes"] for c in self._collective_log) if self._collective_log else None
+        logs = [log for log in self._collective_logs.values() if log]
+        if any(log != logs[0] for log in logs):  # every replica hands over the same shapes
+            raise RuntimeError(f"Replicas handed different tensors to the collectives: {logs}")
+        log = logs[0] if logs else []
+        sent = sum(c["bytes"] for c in log) if log else None
         dense = None if d is None else BYTES_PER_FLOAT * d
         return {
             "mode": self.mode if self.compressed else "uncompressed",
@@ -292,7 +308,7 @@ class SketchedSGD(keras.optimizers.SGD):
             "sketch_shape": [self.sketch_rows, self.sketch_columns] if self.compressed and self.sketch_rows else None,
             "k": self.update_k if self.compressed else None,
             "candidates": self._candidates() if self.update_k and self.mode == "two_round" else None,
-            "collectives": list(self._collective_log),
+            "collectives": list(log),
         }
 
     def _candidates(self):
@@ -307,12 +323,24 @@ class SketchedSGD(keras.optimizers.SGD):
         signs = loc.signs if loc.signs is not None else tf.ones_like(flat, tf.float32)
         return flat, signs
 
-    def _sketch_values(self, ids, values):
-        """The ``[rows, columns]`` count sketch of a vector given as (ids, values);
-        repeated ids add up (the sketch is linear)."""
-        flat, signs = self._flat_locations(ids)
+    def _sketch_parts(self, parts, all_flat, all_signs):
+        """The ``[rows, columns]`` count sketch of the replica's gradient,
+        given as parts ``(ids or None, offset, size, values)``; dense parts use
+        the step's locations of all coordinates, sparse parts hash their own
+        ids; repeated ids add up (the sketch is linear)."""
+        flats, contributions = [], []
+        for ids, offset, size, values in parts:
+            if ids is None:
+                flat, signs = all_flat[:, offset : offset + size], all_signs[:, offset : offset + size]
+            else:
+                flat, signs = self._flat_locations(ids)
+            flats.append(flat)
+            contributions.append(signs * values[None, :])
+        return self._sketch_located(tf.concat(flats, 1), tf.concat(contributions, 1))
+
+    def _sketch_located(self, flat, signed_values):
         total = self.sketch_rows * self.sketch_columns
-        table = tf.math.unsorted_segment_sum(tf.reshape(signs * values[None, :], [-1]), tf.reshape(flat, [-1]), total)
+        table = tf.math.unsorted_segment_sum(tf.reshape(signed_values, [-1]), tf.reshape(flat, [-1]), total)
         return tf.reshape(table, [self.sketch_rows, self.sketch_columns])
 
     def _unsketch(self, table, flat, signs):
@@ -321,7 +349,7 @@ class SketchedSGD(keras.optimizers.SGD):
         rows = self.sketch_rows
         if rows == 1:
             return estimates[0]
-        ordered = tf.sort(estimates, axis=0)
+        ordered = _sorted_rows(estimates, rows)
         mid = rows // 2
         if rows % 2:
             return ordered[mid]
@@ -334,10 +362,12 @@ class SketchedSGD(keras.optimizers.SGD):
         shape = tf.shape(table)
         return tf.reshape(tf.tensor_scatter_nd_update(tf.reshape(table, [-1]), flat, zeros), shape)
 
-    def _flatten(self, grads, variables):
-        """The replica's gradient as (coordinate ids, float32 values); sparse
-        gradients contribute their rows only (never made dense)."""
-        ids, values = [], []
+    def _parts(self, grads, variables):
+        """The replica's gradient as parts ``(ids, offset, size, values)``
+        (float32 values; ``ids`` None for a dense variable, whose coordinates
+        are ``offset .. offset+size``).  Sparse gradients contribute their rows
+        only: they are never made dense."""
+        parts = []
         for g, v in zip(grads, variables):
             if g is None:
                 continue
@@ -347,12 +377,17 @@ class SketchedSGD(keras.optimizers.SGD):
                 width = int(np.prod(v.shape[1:]))
                 rows = tf.cast(g.indices, tf.int64)
                 cols = tf.range(width, dtype=tf.int64)
-                ids.append(tf.reshape(offset + rows[:, None] * width + cols[None, :], [-1]))
-                values.append(tf.reshape(tf.cast(g.values, tf.float32), [-1]))
+                ids = tf.reshape(offset + rows[:, None] * width + cols[None, :], [-1])
+                parts.append((ids, offset, None, tf.reshape(tf.cast(g.values, tf.float32), [-1])))
             else:
-                ids.append(tf.range(offset, offset + self._sizes[index], dtype=tf.int64))
-                values.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
-        return tf.concat(ids, 0), tf.concat(values, 0)
+                parts.append((None, offset, self._sizes[index], tf.reshape(tf.cast(g, tf.float32), [-1])))
+        return parts
+
+    @staticmethod
+    def _flatten(parts):
+        """(coordinate ids, values) of all parts."""
+        ids = [p[0] if p[0] is not None else tf.range(p[1], p[1] + p[2], dtype=tf.int64) for p in parts]
+        return tf.concat(ids, 0), tf.concat([p[3] for p in parts], 0)
 
     # -- the step ----------------------------------------------------------------
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -361,14 +396,15 @@ class SketchedSGD(keras.optimizers.SGD):
         ctx = tf.distribute.get_replica_context()
         if ctx is None:
             raise RuntimeError("SketchedSGD.apply must run in a replica context (inside strategy.run or model.fit).")
-        self._collective_log = []
+        self._reset_log()
         lr = tf.cast(learning_rate, tf.float32)
         rho = tf.constant(self.momentum, tf.float32)
-        ids, values = self._flatten(grads, trainable_variables)
+        parts = self._parts(grads, trainable_variables)
         if self.mode == "fetchsgd":
-            chosen, delta, writes = self._fetchsgd(ctx, ids, values, lr, rho)
+            chosen, delta, writes = self._fetchsgd(ctx, parts, lr, rho)
             replica_writes = []
         else:
+            ids, values = self._flatten(parts)
             chosen, delta, replica_writes = self._per_replica(ctx, ids, values, lr, rho)
             writes = []
         for variable, value in replica_writes:  # ON_READ: this replica's own value
@@ -378,13 +414,13 @@ class SketchedSGD(keras.optimizers.SGD):
             self._write_mirrored, tf.distribute.get_strategy(), writes, parts
         )
 
-    def _fetchsgd(self, ctx, ids, values, lr, rho):
+    def _fetchsgd(self, ctx, parts, lr, rho):
         d = self.param_count
-        S = self._all_reduce(ctx, self._sketch_values(ids, values), "sketch")[:, :, None]
+        flat, signs = self._flat_locations(tf.range(d, dtype=tf.int64))  # once per step
+        S = self._all_reduce(ctx, self._sketch_parts(parts, flat, signs), "sketch")[:, :, None]
         U = rho * tf.convert_to_tensor(self.sketch_momentum) + S
         step = S + rho * U if self.nesterov else U
         E = tf.convert_to_tensor(self.sketch_error) + lr * step
-        flat, signs = self._flat_locations(tf.range(d, dtype=tf.int64))
         estimate = self._unsketch(E, flat, signs)
         _, chosen = tf.math.top_k(tf.abs(estimate), self.update_k)
         chosen = tf.cast(chosen, tf.int64)
@@ -404,13 +440,7 @@ class SketchedSGD(keras.optimizers.SGD):
         if self.mode == "two_round":
             all_ids = tf.range(d, dtype=tf.int64)
             flat, signs = self._flat_locations(all_ids)
-            local = tf.reshape(
-                tf.math.unsorted_segment_sum(
-                    tf.reshape(signs * e[None, :], [-1]), tf.reshape(flat, [-1]), self.sketch_rows * self.sketch_columns
-                ),
-                [self.sketch_rows, self.sketch_columns],
-            )
-            S = self._all_reduce(ctx, local, "sketch")
+            S = self._all_reduce(ctx, self._sketch_located(flat, signs * e[None, :]), "sketch")
             estimate = self._unsketch(S, flat, signs)
             _, candidates = tf.math.top_k(tf.abs(estimate), self._candidates())
             exact = self._all_reduce(ctx, tf.gather(e, candidates), "candidates")
@@ -480,6 +510,17 @@ class SketchedSGD(keras.optimizers.SGD):
             }
         )
         return config
+
+
+def _sorted_rows(x, rows):
+    """``x`` ``[rows, n]`` sorted along rows: an odd-even transposition
+    network of elementwise min/max (``rows`` is small; far cheaper than
+    ``tf.sort`` along axis 0 on CPU)."""
+    r = [x[j] for j in range(rows)]
+    for p in range(rows):
+        for j in range(p % 2, rows - 1, 2):
+            r[j], r[j + 1] = tf.minimum(r[j], r[j + 1]), tf.maximum(r[j], r[j + 1])
+    return r
 
 
 class _Shape:
