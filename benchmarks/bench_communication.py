@@ -86,7 +86,7 @@ def lm_task(args):
     def quality(model):
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         logits = model.predict(data["tx"], batch_size=256, verbose=0)
-        return {"test_perplexity": float(math.exp(float(loss(data["ty"], logits))))}
+        return {"test_perplexity": float(math.exp(min(float(loss(data["ty"], logits)), 700.0)))}  # capped: no overflow
 
     return dict(make_model=make_model, loss_fn=loss_fn, quality=quality, x=data["x"], y=data["y"], desc=data["desc"],
                 lr=args.lr or 0.5, higher_is_better=False, metric="test_perplexity")
@@ -264,7 +264,7 @@ def report():
             wr = base["wire_bytes"] / run["wire_bytes"] if base and run["wire_bytes"] else float("nan")
             sr = run["median_step_s"] / base["median_step_s"] if base else float("nan")
             sc = f"{run['sketch_cost_s'] * 1e3:.1f}" if "sketch_cost_s" in run else "-"
-            lines.append(f"| {name} | {q:.4f} | {qr:.3f} | {run['handed_bytes']:,} | {run['handed_ratio']:.1f} | {wr:.1f} | "
+            lines.append(f"| {name} | {q:.4g} | {qr:.3g} | {run['handed_bytes']:,} | {run['handed_ratio']:.1f} | {wr:.1f} | "
                          f"{run['sketch_shape'] or '-'} | {run['k'] or '-'} | {run['median_step_s'] * 1e3:.1f} | {sr:.2f} | {sc} |")
             plot_data.append((entry["task"], entry["replicas"], name, run["handed_ratio"], qr))
         proj = projection(entry)

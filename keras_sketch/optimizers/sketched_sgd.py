@@ -409,9 +409,10 @@ class SketchedSGD(keras.optimizers.SGD):
             writes = []
         for variable, value in replica_writes:  # ON_READ: this replica's own value
             variable.assign(value)
-        parts = self._split(chosen, delta, trainable_variables)
+        updates = self._split(chosen, delta, trainable_variables)
+        # Mirrored variables: every device writes its own copy (no communication).
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._write_mirrored, tf.distribute.get_strategy(), writes, parts
+            self._write_mirrored, tf.distribute.get_strategy(), writes, updates
         )
 
     def _fetchsgd(self, ctx, parts, lr, rho):
