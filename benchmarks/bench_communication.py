@@ -45,13 +45,14 @@ BANDWIDTHS_GBIT = (1, 10, 100)
 BIG_D = 100_000_000
 
 
-def configs(d, replicas):
+def configs(d, replicas, rows=None):
     from keras_sketch.optimizers.sketched_sgd import sketch_sizes
 
     out = [("sgd_momentum", None, {})]
+    extra, suffix = (dict(rows=rows), f"_rows{rows}") if rows else ({}, "")
     for r in RATIOS:
-        out.append((f"fetchsgd_{r}x", r, dict(compression=r, mode="fetchsgd")))
-        out.append((f"two_round_{r}x", r, dict(compression=r, mode="two_round")))
+        out.append((f"fetchsgd_{r}x{suffix}", r, dict(compression=r, mode="fetchsgd", **extra)))
+        out.append((f"two_round_{r}x{suffix}", r, dict(compression=r, mode="two_round", **extra)))
         rows, columns, _ = sketch_sizes(d, r, "fetchsgd")
         out.append((f"local_topk_{r}x", r, dict(k=max(1, rows * columns // replicas), mode="local_topk")))
     return out
@@ -178,9 +179,10 @@ def run_task(args):
     key = f"{args.task}/{args.replicas}"
     entry = {"task": args.task, "replicas": args.replicas, "parameters": d, "desc": task["desc"], "steps": args.steps,
              "batch": args.batch, "learning_rate": task["lr"], "metric": task["metric"],
-             "higher_is_better": task["higher_is_better"], "machine": machine_info(), "runs": {}}
+             "higher_is_better": task["higher_is_better"], "machine": machine_info(),
+             "runs": results.get(key, {}).get("runs", {}) if args.only else {}}  # --only adds to a previous run
     only = set(args.only.split(",")) if args.only else None
-    for name, ratio, kwargs in configs(d, args.replicas):
+    for name, ratio, kwargs in configs(d, args.replicas, args.rows):
         if only and name not in only:
             continue
         with strategy.scope():
@@ -212,6 +214,7 @@ def run_task(args):
         entry["runs"][name] = run
         print(f"{name:16s} {run[task['metric']]:10.4f} handed {run['handed_bytes']:>9} B  ratio {run['handed_ratio']:6.1f}  "
               f"step {run['median_step_s'] * 1e3:7.1f} ms  loss {run['final_train_loss']:.3f}", flush=True)
+    results = load_json(OUT, {})  # re-read: another task may have finished meanwhile
     results[key] = entry
     save_json(OUT, results)
 
@@ -288,16 +291,27 @@ def report():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for (task, reps) in sorted({(t, r) for t, r, *_ in plot_data}):
+        groups = sorted({(t, r) for t, r, *_ in plot_data})
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        top = 3.0  # quality ratios above this (diverged runs) are drawn at the top as x
+        for ax, (task, reps) in zip(axes[0], groups):
             for method, marker in (("fetchsgd", "o"), ("two_round", "s"), ("local_topk", "^"), ("sgd", "*")):
-                pts = [(x, q) for t, r, n, x, q in plot_data if t == task and r == reps and n.startswith(method)]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), marker=marker, linestyle="-", label=f"{task}/{reps}: {method}")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes ratio (dense / handed to the collective)")
-        ax.set_ylabel("quality / uncompressed (perplexity: lower is better)")
-        ax.legend(fontsize=7)
+                pts = sorted((x, q) for t, r, n, x, q in plot_data if t == task and r == reps and n.startswith(method))
+                if not pts:
+                    continue
+                xs, qs = zip(*pts)
+                line = ax.plot(xs, [min(q, top) for q in qs], marker=marker, linestyle="-", label=method)[0]
+                over = [(x, top) for x, q in pts if q > top]
+                if over:
+                    ax.plot(*zip(*over), "x", color=line.get_color(), markersize=12)
+            ax.set_xscale("log")
+            ax.set_ylim(0, top * 1.05)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            better = "higher" if task == "embedding" else "lower"
+            ax.set_title(f"{task}, {reps} replicas ({better} is better)")
+            ax.set_xlabel("bytes ratio (4 x parameters / bytes handed to the collective)")
+            ax.set_ylabel("quality / uncompressed SGD+momentum")
+            ax.legend(fontsize=8)
         PLOT.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
         fig.savefig(PLOT, dpi=110)
@@ -314,7 +328,8 @@ def main():
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--only", default="", help="comma-separated method names")
+    parser.add_argument("--only", default="", help="comma-separated method names (added to the stored run)")
+    parser.add_argument("--rows", type=int, default=None, help="sketch rows instead of the rule's (names get _rowsN)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.task:
