@@ -29,7 +29,6 @@ Run task by task: ``python benchmarks/bench_communication.py --task lm``,
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -246,9 +245,12 @@ def projection(entry):
 def report():
     results = load_json(OUT, {})
     lines = [
-        "Command: `python benchmarks/bench_communication.py --task lm` / `--task embedding` (2 replicas as logical "
-        "CPU devices, MirroredStrategy), then `--report`. Machine shared with other agents: times are medians, "
-        "read only as ratios within one run.",
+        "Commands: `python benchmarks/bench_communication.py --task lm --lr 0.1` (and `--replicas 4`), "
+        "`--task embedding --batch 64 --lr 5`, the `_rows1` lines with `--rows 1 --only <names>`, then `--report`. "
+        "Replicas are logical CPU devices under MirroredStrategy. 'ratio (handed)' = 4 x parameters / bytes one "
+        "replica hands to the collectives; 'wire ratio' = ring traffic of the uncompressed Keras path (which "
+        "all-gathers sparse embedding gradients) / ring traffic of the method. Machine shared with other agents: "
+        "times are medians, read only as ratios within one run.",
         "",
     ]
     plot_data = []
