@@ -21,9 +21,9 @@ Optimizers:
 Every optimizer walks the same learning-rate grid (factor-4 steps): it starts
 at two neighbouring rates and walks toward the better one until perplexity
 rises (``defaults_study.adaptive_rates``); every optimizer is also run at
-Adam's best rate.  Runs are cached in benchmarks/results/bench_lion.json
-(rerunning resumes); the table goes to the ``bench_lion`` section of
-benchmarks/RESULTS.md.  The machine is shared: wall times are reported only
+Adam's best rate and at both grid neighbours of its best rate.  Runs are
+cached in benchmarks/results/bench_lion.json (rerunning resumes); the table
+goes to the ``bench_lion`` section of benchmarks/RESULTS.md.  The machine is shared: wall times are reported only
 as ratios to Keras's Lion within this run.
 """
 
@@ -38,7 +38,7 @@ import common  # noqa: E402
 
 OUT = common.RESULTS_DIR / "bench_lion.json"
 QUICK_OUT = common.RESULTS_DIR / "tmp" / "bench_lion_quick.json"
-GRID = [2.5e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2]  # factor 4: the machine is shared, runs are few
+GRID = [6.25e-5, 2.5e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2]  # factor 4: the machine is shared, runs are few
 SETTINGS = dict(epochs=2, max_train_tokens=120_000, max_test_tokens=60_000, vocab=10_000, embed=128, hidden=128,
                 batch=32, bptt=35, clipnorm=1.0, seed=0)
 QUICK = dict(epochs=1, max_train_tokens=6000, max_test_tokens=3000, vocab=500, embed=16, hidden=16, batch=32,
@@ -104,6 +104,13 @@ def run(quick, with_default=False):
     adam_lr, _ = best(results["runs"][BASELINE])
     for name in specs:  # every optimizer at Adam's best rate too
         walkers[name](adam_lr)
+    for name in specs:  # and at both grid neighbours of its best (runs at other rates can move the best)
+        while True:
+            i = grid.index(best(results["runs"][name])[0])
+            missing = [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid) and repr(grid[j]) not in results["runs"][name]]
+            if not missing:
+                break
+            walkers[name](missing[0])
     common.save_json(out, results)
     return results
 
@@ -147,7 +154,7 @@ def markdown(results, command):
         f"Dense(vocab), batch {s['batch']}, BPTT {s['bptt']}, clipnorm {s['clipnorm']}, {s['epochs']} epochs "
         f"({steps} steps), seed {s['seed']}, one run per point. Learning-rate grid {results['grid']} (the same "
         "for all; each optimizer walks it from two starting rates until perplexity rises, and also runs at Adam's "
-        f"best rate, {adam_lr:g}). State: bytes of the optimizer's variables but its counters (the memory report "
+        f"best rate, {adam_lr:g}, and at both neighbours of its own best). State: bytes of the optimizer's variables but its counters (the memory report "
         "for keras_sketch). Time: median wall time of an optimizer's runs over that of Keras Lion's runs, in this "
         f"run, on a shared machine. Machine: {common.machine_line(results['machine'])}.\n\n{text}\n"
     )
