@@ -5,7 +5,19 @@ Kyrillidis, Mohan, Shrivastava, ICML 2019) for Keras 3 on TensorFlow.
 """
 
 from keras_sketch.memory import MemoryReport
-from keras_sketch.optimizers import CSAdagrad, CSAdam, CSMomentum, CSRMSprop, SketchedSGD, SketchOptimizer, SM3
+from keras_sketch.optimizers import (
+    CSAdagrad,
+    CSAdam,
+    CSLion,
+    CSMomentum,
+    CSRMSprop,
+    SketchedSGD,
+    SketchOptimizer,
+    SM3,
+)
 
 __version__ = "0.1.0"
-__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "MemoryReport", "SM3", "SketchedSGD", "SketchOptimizer"]
+__all__ = [
+    "CSAdagrad", "CSAdam", "CSLion", "CSMomentum", "CSRMSprop", "MemoryReport", "SM3", "SketchedSGD",
+    "SketchOptimizer",
+]

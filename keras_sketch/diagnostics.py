@@ -24,10 +24,11 @@ Only variables of rank >= 2 are compressed by these methods (SM3 and the
 sketched optimizers keep vectors exact), so only they are shadowed.
 
 Use with ``model.fit``: ``callbacks=[ShadowCallback(record_steps=[1, 100])]``
-(the callback hooks the optimizer's ``apply`` so the shadow sees the gradients
-the optimizer sees, after its clipping, inside the compiled train step), or in
-a custom loop: ``shadow.observe(grads, variables)`` then
-``shadow.record(step)``.  Results: ``shadow.results()`` (JSON-able),
+(the callback registers the shadow as a gradient observer of the optimizer,
+``add_gradient_observer``, so it sees the gradients the update step sees,
+after Keras's unscaling and clipping, inside the compiled train step; see
+``attach`` for Keras's own optimizers), or in a custom loop:
+``shadow.observe(grads, variables)`` then ``shadow.record(step)``.  Results: ``shadow.results()`` (JSON-able),
 ``write_json`` and ``plot``.
 """
 
@@ -39,7 +40,8 @@ import tensorflow as tf
 
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params, sketch_width
 from keras_sketch.state import Layout
-from keras_sketch.optimizers.sm3 import min_over_covers
+from keras_sketch.optimizers import sm3
+from keras_sketch.optimizers.base import CompressedStateMixin
 
 DEFAULT_METHODS = {
     COUNT_SKETCH: dict(kind=COUNT_SKETCH, depth=3),
@@ -138,16 +140,7 @@ class _SM3Estimator(_Estimator):
         self.dims = " + ".join(f"[{n}]" for n in self.shape)
 
     def update(self, g2, decay, scale, step):
-        rank = len(self.shape)
-        others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
-        if self.variant == "I":
-            new = [decay * mu + scale * tf.reduce_max(g2, axis=others(i)) for i, mu in enumerate(self.covers)]
-            nu = min_over_covers(new, len(self.shape))
-        else:
-            nu = decay * min_over_covers(self.covers, len(self.shape)) + scale * g2
-            new = [tf.reduce_max(nu, axis=others(i)) for i in range(rank)]
-        for mu, value in zip(self.covers, new):
-            mu.assign(value)
+        nu = sm3.dense_accumulate(self.covers, g2, decay, scale, self.variant)  # the optimizer's own step
         self.nu.assign(tf.broadcast_to(nu, self.shape))
 
     def estimate(self):
@@ -345,30 +338,30 @@ def error_metrics(est, exact, top_k=100, rtol=1e-5, epsilon=1e-7):
 
 # --- model.fit -----------------------------------------------------------------------
 def attach(optimizer, shadow):
-    """Hooks ``optimizer.apply`` so ``shadow`` observes every step's gradients
-    as the optimizer's update sees them (loss-unscaled and clipped); returns a
-    function that removes the hook."""
-    original = optimizer.apply
+    """Makes ``shadow`` observe every update's gradients as the optimizer's
+    update step receives them (loss-unscaled, accumulated and clipped by
+    Keras); returns a function that removes the hook.
 
-    def apply(grads, trainable_variables=None):
-        grads = list(grads)
-        variables = list(trainable_variables) if trainable_variables is not None else optimizer._trainable_variables
-        seen = [None if g is None else tf.convert_to_tensor(g) for g in grads]
-        if optimizer.loss_scale_factor is not None:
-            seen = [None if g is None else g / optimizer.loss_scale_factor for g in seen]
-        if optimizer.clipnorm or optimizer.clipvalue or optimizer.global_clipnorm:
-            kept = [i for i, g in enumerate(seen) if g is not None]
-            clipped = optimizer._clip_gradients([seen[i] for i in kept])
-            for i, g in zip(kept, clipped):
-                seen[i] = g
-        shadow.observe(seen, variables)
-        return original(grads, trainable_variables)
+    keras_sketch optimizers (also inside a ``LossScaleOptimizer``) have a
+    public hook for this, ``add_gradient_observer``.  Keras's own optimizers
+    have none: their ``_backend_update_step`` (the one method Keras calls per
+    update with those gradients) is wrapped on the instance until the
+    returned function is called.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(inner, CompressedStateMixin):
+        return inner.add_gradient_observer(shadow.observe)
+    original = optimizer._backend_update_step
 
-    optimizer.apply = apply
+    def update_step(grads, trainable_variables, learning_rate):
+        shadow.observe(list(grads), list(trainable_variables))
+        return original(grads, trainable_variables, learning_rate)
+
+    optimizer._backend_update_step = update_step
 
     def detach():
-        if optimizer.__dict__.get("apply") is apply:
-            del optimizer.apply
+        if optimizer.__dict__.get("_backend_update_step") is update_step:
+            del optimizer._backend_update_step
 
     return detach
 

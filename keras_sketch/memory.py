@@ -19,20 +19,35 @@ def itemsize(dtype):
 def variable_row(var, var_plan, slots, params, exact_slot_count):
     """One report row: the state of ``var`` (built from ``var_plan``, a
     ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
-    states = {name: (slot.kind, tuple(int(s) for s in slot.table.shape)) for name, slot in slots.items()}
-    state_bytes = sum(_nbytes(slot.table.shape, slot.table.dtype) for slot in slots.values())
-    if params is not None:
-        state_bytes += _nbytes(params.shape, "int64")
+    return state_row(
+        var,
+        {name: (slot.kind, slot.table) for name, slot in slots.items()},
+        "sketched" if var_plan.sketched else "exact",
+        exact_slot_count,
+        extra_bytes=0 if params is None else _nbytes(params.shape, "int64"),
+        hashed_axis=var_plan.hashed_axis,
+        dropped=var_plan.dropped,
+        path=var_plan.path,
+        sparse_path=var_plan.sparse_path,
+    )
+
+
+def state_row(var, states, mode, exact_slot_count, extra_bytes=0, hashed_axis=None, dropped=(), path="",
+              sparse_path=""):
+    """One report row of any keras_sketch optimizer: ``states`` maps a slot
+    name to ``(kind, state variable)``; ``extra_bytes`` counts state that is
+    no slot (hash parameters); the exact optimizer keeps
+    ``exact_slot_count`` variables of ``var``'s size."""
     return {
         "variable": variable_path(var),
         "shape": tuple(int(s) for s in var.shape),
-        "mode": "sketched" if var_plan.sketched else "exact",
-        "hashed_axis": var_plan.hashed_axis,
-        "states": states,
-        "dropped": list(var_plan.dropped),
-        "path": var_plan.path,
-        "sparse_path": var_plan.sparse_path,
-        "state_bytes": state_bytes,
+        "mode": mode,
+        "hashed_axis": hashed_axis,
+        "states": {name: (kind, tuple(int(s) for s in table.shape)) for name, (kind, table) in states.items()},
+        "dropped": list(dropped),
+        "path": path,
+        "sparse_path": sparse_path,
+        "state_bytes": sum(_nbytes(table.shape, table.dtype) for _, table in states.values()) + extra_bytes,
         "exact_optimizer_bytes": exact_slot_count * _nbytes(var.shape, var.dtype),
     }
 

@@ -15,6 +15,11 @@ gradient, and is decided here once for all optimizers:
   paper's per-row delta ``(decay - 1) * X_prev + scale * x``, with ``X_prev``
   queried from the state.  Untouched rows do not decay (lazy updates, like
   LazyAdam and PyTorch's SparseAdam).
+
+The update math sees a variable's state through ``StepState``: ``accumulate``
+and ``ema`` update a slot and return its new estimate, ``read`` returns the
+estimate without changing it (read before the update: the previous value,
+which Lion's step needs).  docs/extending.md shows how an optimizer uses them.
 """
 
 import numpy as np
@@ -117,6 +122,18 @@ def merge_duplicates(ids, values, keep=None):
     return unique, summed, valid
 
 
+def estimate(slot, rows=None):
+    """The current estimate of ``slot``, without changing it: ``[rows, dim]``
+    when ``rows`` is None (dense), else ``[k, dim]`` for ``rows.ids``.
+
+    Read before ``accumulate`` it is the value the slot held before the step
+    (Lion's update direction); read after it, what ``accumulate`` returned.
+    """
+    if rows is None:
+        return slot.query_all()
+    return slot.query(slot.locate(rows.ids))
+
+
 def accumulate(slot, x, decay, scale, rows=None):
     """``X <- decay * X + scale * x`` on ``slot``; returns the new estimate.
 
@@ -156,6 +173,16 @@ class StepState:
     def has(self, name):
         """Whether the variable keeps slot ``name`` (``state_budget`` may drop one)."""
         return name in self.slots
+
+    def read(self, name):
+        """The estimate of slot ``name`` as it is now, for the step's rows.
+
+        Called before ``accumulate``/``ema`` of the same slot it gives the
+        value before this step's update (what Lion's direction uses); the
+        step's ops run in program order, also inside ``tf.function`` and XLA
+        (TensorFlow orders the reads and writes of one variable).
+        """
+        return estimate(self.slots[name], self.rows)
 
     def accumulate(self, name, x, decay, scale=1.0):
         return accumulate(self.slots[name], x, decay, scale, self.rows)

@@ -1,4 +1,4 @@
-"""An independent NumPy reference of the paper's Algorithms 1-4.
+"""An independent NumPy reference of the paper's Algorithms 1-4 (and Lion).
 
 Written from the paper (count-sketch tensor, UPDATE/QUERY, Algorithms 2-4),
 not from the TensorFlow code: plain loops over depth, ``np.add.at`` for bucket
@@ -14,6 +14,7 @@ package, because they are its documented contract:
   update, then query again).
 * Keras's epsilon convention (``m_hat / (sqrt(v_hat) + eps)`` for Adam,
   ``g / sqrt(v + eps)`` for Adagrad and RMSprop).
+* Lion's direction reads its momentum before the step updates it.
 """
 
 import numpy as np
@@ -111,6 +112,8 @@ class RefOptimizer:
             self.v = NpSketch(params, rows, width, dim, "count_min")
             self.m = NpSketch(params, rows, width, dim, kind_m, exact=exact_m) if hp.get("momentum", 0) > 0 else None
             self.mg = NpSketch(params, rows, width, dim, kind_m, exact=exact_m) if hp.get("centered") else None
+        elif algorithm == "lion":
+            self.m = NpSketch(params, rows, width, dim, "count_sketch")
 
     def step(self, g, indices=None):
         """Dense ``g [rows, dim]``; or sparse rows ``indices`` with values ``g``."""
@@ -147,6 +150,13 @@ class RefOptimizer:
             update = lr * g / np.sqrt(v + hp["epsilon"])
             if self.m is not None:
                 update = self.m.accumulate(update, hp["momentum"], 1.0, ids)
+        elif self.alg == "lion":
+            # Lion (Chen et al. 2023, Program 1): the direction interpolates the
+            # momentum *before* this step's update; then the momentum is updated.
+            b1, b2 = hp["beta_1"], hp["beta_2"]
+            previous = self.m.query(list(range(len(self.x))) if ids is None else ids)
+            update = lr * np.sign(b1 * previous + (1 - b1) * g)
+            self.m.accumulate(g, b2, 1 - b2, ids)
         if ids is None:
             self.x -= update
         else:

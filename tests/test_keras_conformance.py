@@ -32,6 +32,7 @@ FACTORIES = {
     ),
     "csadagrad": lambda **kw: ks.CSAdagrad(**{"learning_rate": 0.05, "min_rows": 8, "compression": 0.3, **kw}),
     "csmomentum": lambda **kw: ks.CSMomentum(**{"learning_rate": 0.05, "min_rows": 8, "compression": 0.3, "depth": 3, **kw}),
+    "cslion": lambda **kw: ks.CSLion(**{"learning_rate": 0.01, "min_rows": 8, "compression": 0.3, "depth": 3, **kw}),
     "csrmsprop": lambda **kw: ks.CSRMSprop(
         **{"learning_rate": 0.01, "min_rows": 8, "compression": 0.3, "momentum": 0.5, **kw}
     ),

@@ -78,10 +78,12 @@ class SparseUnscale(tf.IndexedSlices):
 
 class CompressedStateMixin:
     """What every keras_sketch optimizer adds to ``keras.optimizers.Optimizer``:
-    a memory report and a state restore that refuses mismatched state.
+    a memory report, a state restore that refuses mismatched state, and
+    gradient observers (``add_gradient_observer``).
 
-    Subclasses fill ``self._memory_rows`` (one ``memory.variable_row`` dict
-    per model variable) in ``build()``, after ``_check_variables``.
+    Subclasses create their state with ``_add_state_variable`` and fill
+    ``self._memory_rows`` (one ``memory.state_row`` dict per model variable)
+    in ``build()``, after ``_check_variables``.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -94,6 +96,7 @@ class CompressedStateMixin:
         if name is None:
             name = describe.unique_name(type(self).__name__.lower())
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self._gradient_observers = _Observers()
 
     def __repr__(self):
         """``CSAdam(learning_rate=0.01, amsgrad=True)``: the arguments that
@@ -101,6 +104,44 @@ class CompressedStateMixin:
         return describe.arguments_repr(self)
 
     _shared_doc = describe.KERAS_ARGS_DOC
+
+    def add_gradient_observer(self, observer):
+        """Calls ``observer(grads, variables)`` once per update, inside
+        ``apply``, with the gradients the update step receives: unscaled by
+        ``loss_scale_factor``, averaged over ``gradient_accumulation_steps``
+        and clipped (``clipnorm``, ``clipvalue``, ``global_clipnorm``), in the
+        order of ``variables``; sparse gradients stay ``tf.IndexedSlices``.
+        The call happens while ``apply`` is traced, so an observer that
+        records must do so with TensorFlow ops (``tf.Variable`` updates);
+        a ``tf.function`` traced before the observer was added does not call
+        it (Keras's ``model.make_train_function(force=True)`` traces again).
+        Under ``tf.distribute`` it runs once per replica, with that replica's
+        gradients.  Returns a function that removes the observer.
+        (``keras_sketch.diagnostics.ShadowCallback`` uses this hook.)
+        """
+        if not callable(observer):
+            raise TypeError(f"`observer` must be callable, got {observer!r}.")
+        self._gradient_observers.fns.append(observer)
+
+        def remove():
+            if observer in self._gradient_observers.fns:
+                self._gradient_observers.fns.remove(observer)
+
+        return remove
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # Keras calls this once per update, after its unscaling, accumulation
+        # and clipping, with the gradients every update_step then receives.
+        for observer in list(self._gradient_observers.fns):
+            observer(list(grads), list(trainable_variables))
+        return super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _add_state_variable(self, var, suffix, shape, initializer="zeros", dtype=None):
+        """One state variable of model variable ``var``, named
+        ``<var's path>_<suffix>`` (``/`` and ``:`` replaced), ``var``'s dtype
+        unless ``dtype`` is given: how every keras_sketch optimizer names its state."""
+        name = variable_path(var).replace("/", "_").replace(":", "_")
+        return self.add_variable(shape, initializer, dtype or var.dtype, name=f"{name}_{suffix}")
 
     def _check_variables(self, var_list):
         for var in var_list:
@@ -313,24 +354,21 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
 
     def _build_variable_state(self, index, var, var_plan):
         """Creates the state variables ``var_plan`` lists."""
-        layout, name = var_plan.layout, _clean(var)
+        layout = var_plan.layout
         params = None
         if var_plan.hashed:
             values = hash_params(self.seed, index, var_plan.depth)
-            params = self.add_variable(
-                shape=values.shape,
-                dtype="int64",
-                initializer=lambda shape, dtype=None, v=values: tf.constant(v, tf.int64),
-                name=f"{name}_hash",
+            params = self._add_state_variable(
+                var, "hash", values.shape, lambda shape, dtype=None, v=values: tf.constant(v, tf.int64), "int64"
             )
         slots = {}
         for slot in var_plan.slots:
             init = keras.initializers.Constant(slot.initial)
             if slot.sketched:
-                table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}_sketch")
+                table = self._add_state_variable(var, f"{slot.name}_sketch", slot.shape, init)
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
             else:
-                table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}")
+                table = self._add_state_variable(var, slot.name, slot.shape, init)
                 slots[slot.name] = ExactState(table)
         self._layouts.append(layout)
         self._slots.append(slots)
@@ -418,8 +456,12 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         )
         return config
 
-def _clean(var):
-    return variable_path(var).replace("/", "_").replace(":", "_")
+class _Observers:
+    """The gradient observers of one optimizer (a plain holder: Keras and
+    TensorFlow track lists set on an optimizer as checkpoint dependencies)."""
+
+    def __init__(self):
+        self.fns = []
 
 
 def _checksum(arrays):

@@ -20,18 +20,16 @@ rows still moves them, so a sparse step then updates the whole variable.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_sketch.tf_internals import variable_path
-
-from keras_sketch.optimizers.base import CompressedStateMixin, _clean, check_beta, check_number
 from keras_sketch import guard, memory
+from keras_sketch.optimizers.base import CompressedStateMixin, check_beta, check_number
 from keras_sketch.sketch import EXACT
 from keras_sketch.state import merge_duplicates
-from keras_sketch.tf_internals import tf_variable, variable_path
+from keras_sketch.tf_internals import tf_variable
 
 VARIANTS = ("I", "II")
+COVER = "sm3_cover"  # the memory report's kind of a per-axis accumulator
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -78,14 +76,25 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         for var in var_list:
             shape = tuple(int(s) for s in var.shape)
             shapes = [(n,) for n in shape] if len(shape) >= 2 else [shape]
-            covers = [
-                self.add_variable(s, "zeros", var.dtype, name=f"{_clean(var)}_sm3_{i}") for i, s in enumerate(shapes)
-            ]
-            m = self.add_variable(shape, "zeros", var.dtype, name=f"{_clean(var)}_m") if self.momentum else None
+            covers = [self._add_state_variable(var, f"sm3_{i}", s) for i, s in enumerate(shapes)]
+            m = self._add_state_variable(var, "m", shape) if self.momentum else None
             self._covers.append(covers)
             self._momenta.append(m)
-            self._memory_rows.append(_memory_row(var, covers, m))
+            self._memory_rows.append(self._memory_row(var, covers, m))
         self._track_state_spec()
+
+    def _memory_row(self, var, covers, momentum):
+        """The exact optimizer is AdaGrad (one full-size slot), plus a
+        full-size momentum when SM3 keeps one."""
+        kind = COVER if len(covers) > 1 else EXACT
+        states = {f"sm3_{i}": (kind, c) for i, c in enumerate(covers)}
+        if momentum is not None:
+            states["m"] = (EXACT, momentum)
+        return memory.state_row(
+            var, states, "covered" if len(covers) > 1 else "exact", 1 + (momentum is not None),
+            path="TF (SM3 has no fused kernel)",
+            sparse_path="sparse rows" if momentum is None else "sparse covers; the momentum moves every row",
+        )
 
     def _decay_scale(self):
         return (1.0, 1.0) if self.beta_2 is None else (self.beta_2, 1.0 - self.beta_2)
@@ -101,11 +110,11 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         if isinstance(gradient, tf.IndexedSlices):
             g = _zero_nonfinite_slices(variable, tf.cast(gradient.values, dtype))
             ids, g, valid = merge_duplicates(gradient.indices, g)
-            nu = self._sparse_accumulate(covers, ids, g)
+            nu = sparse_accumulate(covers, ids, g * g, *self._decay_scale(), self.variant)
             rows = ids
         else:
             g = _zero_nonfinite_slices(variable, tf.cast(gradient, dtype))
-            nu = self._dense_accumulate(covers, g)
+            nu = dense_accumulate(covers, g * g, *self._decay_scale(), self.variant)
             rows = None
         if self.beta_2 is not None:
             t = tf.cast(self.iterations + 1, dtype)
@@ -126,65 +135,67 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         else:
             var.scatter_nd_sub(rows[:, None], lr * u)  # padding rows have u == 0
 
-    # -- accumulators ------------------------------------------------------------
-    def _dense_accumulate(self, covers, g):
-        decay, scale = self._decay_scale()
-        g2 = g * g
-        rank = len(g.shape)
-        if len(covers) == 1:  # rank <= 1: full accumulator, both variants agree
-            new = decay * tf.convert_to_tensor(covers[0]) + scale * g2
-            covers[0].assign(new)
-            return new
-        others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
-        if self.variant == "I":
-            new = [decay * mu + scale * tf.reduce_max(g2, axis=others(i)) for i, mu in enumerate(covers)]
-            for mu, value in zip(covers, new):
-                mu.assign(value)
-            return min_over_covers(new, rank)
-        nu = decay * min_over_covers(covers, rank) + scale * g2
-        for i, mu in enumerate(covers):
-            mu.assign(tf.reduce_max(nu, axis=others(i)))
-        return nu
-
-    def _sparse_accumulate(self, covers, ids, g):
-        """The dense step's accumulators for a gradient that is zero off rows ``ids``."""
-        decay, scale = self._decay_scale()
-        g2 = g * g
-        rank = len(g.shape)
-        if len(covers) == 1:
-            mu = covers[0]
-            if decay != 1.0:
-                mu.assign(decay * mu)
-            mu.scatter_nd_add(ids[:, None], scale * g2)
-            return tf.gather(mu, ids)
-        others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
-        old = [tf.convert_to_tensor(mu) for mu in covers]
-        if self.variant == "I":
-            rows_new = decay * tf.gather(old[0], ids) + scale * tf.reduce_max(g2, axis=others(0))
-            new = [tf.tensor_scatter_nd_max(decay * old[0], ids[:, None], rows_new)]
-            new += [decay * old[i] + scale * tf.reduce_max(g2, axis=others(i)) for i in range(1, rank)]
-            for mu, value in zip(covers, new):  # untouched rows add max(0) = 0 to the other axes
-                mu.assign(value)
-            return min_over_covers([rows_new] + new[1:], rank)
-        nu = decay * min_over_covers([tf.gather(old[0], ids)] + old[1:], rank) + scale * g2
-        maxima = [tf.reduce_max(a) for a in old]
-        # nu of an untouched slice along axis 0 at index r is decay * min(mu_0(r), min_k>0 max mu_k)
-        untouched_rows = decay * tf.minimum(old[0], tf.reduce_min(tf.stack(maxima[1:])))
-        covers[0].assign(tf.tensor_scatter_nd_max(untouched_rows, ids[:, None], tf.reduce_max(nu, axis=others(0))))
-        touched = tf.scatter_nd(ids[:, None], tf.ones_like(ids, tf.int32), tf.shape(old[0], tf.int64)) > 0
-        max_untouched_0 = tf.reduce_max(tf.where(touched, tf.zeros_like(old[0]), old[0]))
-        for i in range(1, rank):
-            cap = tf.reduce_min(tf.stack([max_untouched_0] + [maxima[k] for k in range(1, rank) if k != i]))
-            from_untouched = decay * tf.minimum(old[i], cap)
-            covers[i].assign(tf.maximum(from_untouched, tf.reduce_max(nu, axis=others(i))))
-        return nu
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {"variant": self.variant, "momentum": self.momentum, "beta_2": self.beta_2, "epsilon": self.epsilon}
         )
         return config
+
+
+# -- the accumulators (also the estimator of keras_sketch.diagnostics) -------------
+def dense_accumulate(covers, g2, decay, scale, variant):
+    """One step of SM3's accumulators on a dense squared gradient ``g2``:
+    assigns the ``covers`` (one ``[n_i]`` variable per axis, or one full-size
+    variable for rank <= 1) and returns ``nu``, the estimate of the step."""
+    rank = len(g2.shape)
+    if len(covers) == 1:  # rank <= 1: full accumulator, both variants agree
+        new = decay * tf.convert_to_tensor(covers[0]) + scale * g2
+        covers[0].assign(new)
+        return new
+    others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
+    if variant == "I":
+        new = [decay * mu + scale * tf.reduce_max(g2, axis=others(i)) for i, mu in enumerate(covers)]
+        for mu, value in zip(covers, new):
+            mu.assign(value)
+        return min_over_covers(new, rank)
+    nu = decay * min_over_covers(covers, rank) + scale * g2
+    for i, mu in enumerate(covers):
+        mu.assign(tf.reduce_max(nu, axis=others(i)))
+    return nu
+
+
+def sparse_accumulate(covers, ids, g2, decay, scale, variant):
+    """``dense_accumulate`` for a gradient that is zero off the unique rows
+    ``ids`` (``g2`` holds those rows); returns ``nu`` of those rows."""
+    rank = len(g2.shape)
+    if len(covers) == 1:
+        mu = covers[0]
+        if decay != 1.0:
+            mu.assign(decay * mu)
+        mu.scatter_nd_add(ids[:, None], scale * g2)
+        return tf.gather(mu, ids)
+    others = lambda i: [a for a in range(rank) if a != i]  # noqa: E731
+    old = [tf.convert_to_tensor(mu) for mu in covers]
+    if variant == "I":
+        rows_new = decay * tf.gather(old[0], ids) + scale * tf.reduce_max(g2, axis=others(0))
+        new = [tf.tensor_scatter_nd_max(decay * old[0], ids[:, None], rows_new)]
+        new += [decay * old[i] + scale * tf.reduce_max(g2, axis=others(i)) for i in range(1, rank)]
+        for mu, value in zip(covers, new):  # untouched rows add max(0) = 0 to the other axes
+            mu.assign(value)
+        return min_over_covers([rows_new] + new[1:], rank)
+    nu = decay * min_over_covers([tf.gather(old[0], ids)] + old[1:], rank) + scale * g2
+    maxima = [tf.reduce_max(a) for a in old]
+    # nu of an untouched slice along axis 0 at index r is decay * min(mu_0(r), min_k>0 max mu_k)
+    untouched_rows = decay * tf.minimum(old[0], tf.reduce_min(tf.stack(maxima[1:])))
+    covers[0].assign(tf.tensor_scatter_nd_max(untouched_rows, ids[:, None], tf.reduce_max(nu, axis=others(0))))
+    touched = tf.scatter_nd(ids[:, None], tf.ones_like(ids, tf.int32), tf.shape(old[0], tf.int64)) > 0
+    max_untouched_0 = tf.reduce_max(tf.where(touched, tf.zeros_like(old[0]), old[0]))
+    for i in range(1, rank):
+        cap = tf.reduce_min(tf.stack([max_untouched_0] + [maxima[k] for k in range(1, rank) if k != i]))
+        from_untouched = decay * tf.minimum(old[i], cap)
+        covers[i].assign(tf.maximum(from_untouched, tf.reduce_max(nu, axis=others(i))))
+    return nu
 
 
 def _zero_nonfinite_slices(variable, g):
@@ -204,24 +215,3 @@ def min_over_covers(covers, rank):
         b = tf.reshape(tf.convert_to_tensor(mu), shape)
         out = b if out is None else tf.minimum(out, b)
     return out
-
-
-def _memory_row(var, covers, momentum):
-    """A ``memory.variable_row``-compatible dict (the exact optimizer is AdaGrad,
-    one full-size slot, plus a full-size momentum when SM3 keeps one)."""
-    nbytes = lambda v: int(np.prod(v.shape, dtype=np.int64)) * memory.itemsize(v.dtype)  # noqa: E731
-    kind = "sm3_cover" if len(covers) > 1 else EXACT
-    states = {f"sm3_{i}": (kind, tuple(int(s) for s in c.shape)) for i, c in enumerate(covers)}
-    state_bytes = sum(nbytes(c) for c in covers)
-    if momentum is not None:
-        states["m"] = (EXACT, tuple(int(s) for s in momentum.shape))
-        state_bytes += nbytes(momentum)
-    return {
-        "variable": variable_path(var),
-        "shape": tuple(int(s) for s in var.shape),
-        "mode": "covered" if len(covers) > 1 else "exact",
-        "hashed_axis": None,
-        "states": states,
-        "state_bytes": state_bytes,
-        "exact_optimizer_bytes": (1 + (momentum is not None)) * nbytes(var),
-    }
