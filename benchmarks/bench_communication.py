@@ -29,13 +29,9 @@ Run task by task: ``python benchmarks/bench_communication.py --task lm``,
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS_DIR, RESULTS_MD, load_json, lm_data, machine_info, machine_line, replace_section, save_json  # noqa: E402
+from common import RESULTS_DIR, RESULTS_MD, load_json, lm_data, machine_info, machine_line, replace_section, save_json
 
 OUT = RESULTS_DIR / "bench_communication.json"
 PLOT = RESULTS_DIR / "plots" / "communication.png"

@@ -20,7 +20,7 @@ Optimizers:
 
 Every optimizer walks the same learning-rate grid (factor-4 steps): it starts
 at two neighbouring rates and walks toward the better one until perplexity
-rises (``defaults_study.adaptive_rates``); every optimizer is also run at
+rises (``common.adaptive_rates``); every optimizer is also run at
 Adam's best rate and at both grid neighbours of its best rate.  Runs are
 cached in benchmarks/results/bench_lion.json (rerunning resumes); the table
 goes to the ``bench_lion`` section of benchmarks/RESULTS.md.  The machine is shared: wall times are reported only
@@ -29,12 +29,8 @@ as ratios to Keras's Lion within this run.
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 OUT = common.RESULTS_DIR / "bench_lion.json"
 QUICK_OUT = common.RESULTS_DIR / "tmp" / "bench_lion_quick.json"
@@ -65,8 +61,6 @@ def factories(min_rows=None, with_default=False):
 
 
 def run(quick, with_default=False):
-    import defaults_study
-
     s = QUICK if quick else SETTINGS
     out = QUICK_OUT if quick else OUT
     grid = [2e-3, 4e-3] if quick else GRID
@@ -100,7 +94,7 @@ def run(quick, with_default=False):
     for name, (make, start) in specs.items():
         walkers[name] = ppl_for(name, make)
         starts = start if not quick else tuple(grid)
-        defaults_study.adaptive_rates(walkers[name], grid, starts)
+        common.adaptive_rates(walkers[name], grid, starts)
     adam_lr, _ = best(results["runs"][BASELINE])
     for name in specs:  # every optimizer at Adam's best rate too
         walkers[name](adam_lr)
