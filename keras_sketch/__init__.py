@@ -4,8 +4,10 @@ Implements "Compressing Gradient Optimizers via Count-Sketches" (Spring,
 Kyrillidis, Mohan, Shrivastava, ICML 2019) for Keras 3 on TensorFlow.
 """
 
+from keras_sketch import layers
+from keras_sketch.layers import Embedding
 from keras_sketch.memory import MemoryReport
 from keras_sketch.optimizers import CSAdagrad, CSAdam, CSMomentum, CSRMSprop, SketchOptimizer, SM3
 
 __version__ = "0.1.0"
-__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "MemoryReport", "SM3", "SketchOptimizer"]
+__all__ = ["CSAdagrad", "CSAdam", "CSMomentum", "CSRMSprop", "Embedding", "MemoryReport", "SM3", "SketchOptimizer", "layers"]
