@@ -323,7 +323,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             )
         slots = {}
         for slot in var_plan.slots:
-            init = keras.initializers.Constant(slot.initial)
+            init = _filled(slot.initial)
             if slot.sketched:
                 table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}_sketch")
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
@@ -415,6 +415,14 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             }
         )
         return config
+
+def _filled(value):
+    """An initializer whose only full-size buffer is the state itself:
+    ``tf.fill`` makes one tensor, which the new variable adopts.
+    (``keras.initializers.Constant`` multiplies a full-size ``ones`` by the
+    value: a temporary as large as the slot at build time.)"""
+    return lambda shape, dtype=None: tf.fill(shape, tf.cast(value, dtype))
+
 
 def _clean(var):
     return variable_path(var).replace("/", "_").replace(":", "_")
