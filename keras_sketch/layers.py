@@ -17,6 +17,8 @@ gathers the rows from the variable itself (``ResourceGather``, via
 The gradient is the same ``tf.IndexedSlices`` Keras's layer produces.
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 
@@ -108,3 +110,42 @@ class Embedding(keras.layers.Embedding):
         # this one changes only the float path, and quantized layers run
         # Keras's own quantized forward pass.
         return super().quantize(mode, type_check=False, config=config)
+
+
+def reads_whole(variable):
+    """Whether the function being traced reads ``variable`` whole.
+
+    True when the graph under construction (a ``tf.function`` trace, e.g.
+    Keras's train step) holds a ``ReadVariableOp`` of the variable's
+    resource handle, such as the dense read ``keras.layers.Embedding`` makes
+    before gathering.  False when executing eagerly (nothing to inspect).
+    Cheap: it looks at the consumers of one captured handle.
+    """
+    if tf.executing_eagerly():
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    handle = tf_variable(variable).handle
+    for outer, inner in getattr(graph, "captures", ()):
+        if outer is handle:
+            return any(op.type == "ReadVariableOp" for op in inner.consumers())
+    return False
+
+
+def warn_if_read_whole(optimizer, variable):
+    """Warns once per variable when a sparse update is traced into a step
+    that also reads the variable whole: TensorFlow then copies the entire
+    variable on every such read (a scatter-updated resource variable is
+    copied on read), which costs a full table of memory traffic per step."""
+    warned = optimizer.__dict__.setdefault("_keras_sketch_warned_read_whole", set())
+    name = getattr(variable, "path", None) or variable.name
+    if name in warned or not reads_whole(variable):
+        return
+    warned.add(name)
+    logging.getLogger("keras_sketch").warning(
+        "keras_sketch: %s gets sparse (row) updates, but the training step also reads it whole "
+        "(e.g. keras.layers.Embedding converts its table to a tensor before gathering). After a "
+        "sparse update TensorFlow copies the entire variable on every whole read, each step. Use "
+        "keras_sketch.layers.Embedding (a drop-in replacement), or gather with "
+        "tf.gather(variable.value, ids) instead of reading the variable (README, 'Sparse training').",
+        name,
+    )

@@ -381,3 +381,23 @@ def test_mirrored_strategy_training_equals_keras_layer():
     # every replica gathers its rows from its own copy of the table
     assert "ReadVariableOp" not in out["ours"]["ops"] and out["ours"]["ops"].count("ResourceGather") == 2
     assert "ReadVariableOp" in out["keras"]["ops"]
+
+
+# --- the one-time warning ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [OPTIMIZERS["csadam"], OPTIMIZERS["sm3"]], ids=["csadam", "sm3"])
+def test_optimizer_warns_once_when_a_sparse_table_is_read_whole(make, caplog):
+    x, y = data()
+    with caplog.at_level("WARNING", logger="keras_sketch"):
+        model = small_model(keras.layers.Embedding)
+        model.compile(make(), "mse")
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    warnings = [r for r in caplog.records if "reads it whole" in r.getMessage()]
+    assert len(warnings) == 1 and "table/embeddings" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="keras_sketch"):
+        model = small_model(ks.layers.Embedding)
+        model.compile(make(), "mse")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert not [r for r in caplog.records if "reads it whole" in r.getMessage()]

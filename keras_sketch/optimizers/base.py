@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras_sketch.tf_internals import variable_path
 
 from keras_sketch import fused as fused_op
+from keras_sketch.layers import warn_if_read_whole
 from keras_sketch import guard, memory, plan
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
@@ -350,6 +351,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         # The plan chose the fused op where it can run; XLA compiles no custom op.
         fused = var_plan.fused and not in_xla_context()
         if isinstance(gradient, tf.IndexedSlices):
+            warn_if_read_whole(self, variable)
             ids, values = layout.sparse_view(gradient)
             values, finite = guard.finite_rows(tf.cast(values, dtype))
             if in_xla_context():
