@@ -234,7 +234,7 @@ def headroom(results, sizes, cap, warmup, steps, configs):
         fixed = p0 - per_row * n0
         n = int((cap - fixed) / per_row) // 100_000 * 100_000
         tried = []
-        while n >= 100_000 and len(tried) < 4:
+        while n >= 100_000 and len(tried) < 2:
             r = run_fit(config, n, warmup, steps)
             tried.append({k: r.get(k) for k in ("rows", "peak_fit", "ms_per_step", "error")})
             if "peak_fit" in r and r["peak_fit"] <= cap:
@@ -355,12 +355,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000000,4000000", help="comma-separated N (rows of the largest table)")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--cap-gib", type=float, default=4.0)
     p.add_argument("--no-headroom", action="store_true")
     p.add_argument("--no-build", action="store_true")
-    p.add_argument("--build-rows", type=int, default=4_000_000)
+    p.add_argument("--build-rows", type=int, default=2_000_000)
     p.add_argument("--build-before", default=None,
                    help="path of a keras_sketch checkout to measure build memory 'before' (e.g. an older commit)")
     p.add_argument("--build-before-commit", default=None, help="its commit, for the report")
@@ -385,14 +385,16 @@ def main():
     print(common.machine_line(info), flush=True)
     res = dict(machine=info, sizes=sizes, warmup=a.warmup, steps=a.steps, command="python " + " ".join(
         [os.path.relpath(__file__, common.ROOT)] + sys.argv[1:]), fit=[])
-    for n in sizes:
-        print(f"N = {n:,}", flush=True)
-        for c in configs:
-            res["fit"].append(run_fit(c, n, a.warmup, a.steps))
-    if not a.no_headroom and len(sizes) >= 2:
-        print(f"headroom at {a.cap_gib:g} GiB", flush=True)
-        res["cap_bytes"] = int(a.cap_gib * 2**30)
-        res["headroom"] = headroom(res["fit"], sizes, res["cap_bytes"], a.warmup, max(a.steps // 4, 3), configs)
+    out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR
+
+    def finish():  # written after every phase, so an interrupted run keeps what it measured
+        text = markdown(res)
+        common.save_json(out_dir / ("bench_model_quick.json" if a.quick else "bench_model.json"), res)
+        plot(res, out_dir / "plots" / ("bench_model_quick.png" if a.quick else "bench_model.png"))
+        if not a.quick:
+            common.replace_section(common.RESULTS_MD, "bench_model", text)
+        return text
+
     if not a.no_build:
         res["build_rows"], res["build"] = a.build_rows, {}
         res["build_before_commit"] = a.build_before_commit
@@ -402,13 +404,16 @@ def main():
                 entry["before"] = run_sub(["--build-worker", opt, str(a.build_rows)], package_path=a.build_before)
             res["build"][opt] = entry
             print(f"  build {opt}: {json.dumps({k: v.get('build_peak_growth') for k, v in entry.items()})}", flush=True)
-    text = markdown(res)
-    print("\n" + text)
-    out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR
-    common.save_json(out_dir / ("bench_model_quick.json" if a.quick else "bench_model.json"), res)
-    plot(res, out_dir / "plots" / ("bench_model_quick.png" if a.quick else "bench_model.png"))
-    if not a.quick:
-        common.replace_section(common.RESULTS_MD, "bench_model", text)
+    for n in sizes:
+        print(f"N = {n:,}", flush=True)
+        for c in configs:
+            res["fit"].append(run_fit(c, n, a.warmup, a.steps))
+        finish()
+    if not a.no_headroom and len(sizes) >= 2:
+        print(f"headroom at {a.cap_gib:g} GiB", flush=True)
+        res["cap_bytes"] = int(a.cap_gib * 2**30)
+        res["headroom"] = headroom(res["fit"], sizes, res["cap_bytes"], a.warmup, max(a.steps // 2, 3), configs)
+    print("\n" + finish())
 
 
 if __name__ == "__main__":
