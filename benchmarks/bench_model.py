@@ -26,8 +26,10 @@ steps are few and timings are ratios within one run.
 
 Headroom (``--cap-gib``): the largest ``N`` whose fit peak stays under the
 cap, per configuration.  The two measured sizes give bytes per row (a line
-through the two fit peaks); the predicted largest ``N`` is then run in a
-subprocess and lowered by 10% until its measured fit peak fits the cap.
+through the two fit peaks), hence a predicted largest ``N``; with
+``--verify-headroom`` it is then run in a subprocess and lowered by 10% until
+its measured fit peak fits the cap.  ``--from-json`` re-renders a saved run
+with the predicted headroom.
 
 Build memory (``--build``): peak resident growth while ``optimizer.build``
 creates the state of a 4M x 64 variable created beforehand without any
@@ -222,8 +224,10 @@ def run_fit(config, n, warmup, steps):
     return r
 
 
-def headroom(results, sizes, cap, warmup, steps, configs):
-    """Largest N per configuration whose fit peak stays under ``cap`` bytes."""
+def headroom(results, sizes, cap, warmup, steps, configs, verify=True):
+    """Largest N per configuration whose fit peak stays under ``cap`` bytes:
+    predicted from bytes per row (the line through the measured fit peaks),
+    then, with ``verify``, run and lowered until the measured peak fits."""
     out = {}
     for config in configs:
         pts = sorted((r["rows"], r["peak_fit"]) for r in results if r["config"] == config and "peak_fit" in r)
@@ -234,6 +238,10 @@ def headroom(results, sizes, cap, warmup, steps, configs):
         fixed = p0 - per_row * n0
         n = int((cap - fixed) / per_row) // 100_000 * 100_000
         tried = []
+        if not verify:
+            out[config] = dict(bytes_per_row=per_row, fixed_bytes=fixed, predicted_rows=max(n, 0),
+                               largest_rows=n if n >= 100_000 else None, tried=[])
+            continue
         while n >= 100_000 and len(tried) < 2:
             r = run_fit(config, n, warmup, steps)
             tried.append({k: r.get(k) for k in ("rows", "peak_fit", "ms_per_step", "error")})
@@ -291,18 +299,25 @@ def markdown(res):
     if res.get("headroom"):
         cap = res["cap_bytes"]
         base = res["headroom"].get(BASELINE, {}).get("largest_rows")
+        verified = res.get("headroom_verified", True)
+        method = ("then the predicted N run in a subprocess (lowered by 10% until its measured fit peak fits)"
+                  if verified else "extrapolated, **not** run at that size (no time on the shared machine): "
+                  "a prediction from the measured bytes per row")
         lines += [f"Headroom: largest N (tables N, N/4, N/16 x 64) whose fit peak stays under {cap / 2**30:g} GiB. "
-                  "Method: bytes per row from the line through the two measured sizes' fit peaks, then the "
-                  "predicted N run in a subprocess (lowered by 10% until its measured fit peak fits; N rounded "
-                  "down to 100k).", "",
-                  "| configuration | bytes/row (fit) | predicted N | largest N measured under cap | fit peak there MiB "
-                  "| vs Keras Adam + Keras Embedding |", "|---|---:|---:|---:|---:|---:|"]
+                  "Method: bytes per row from the line through the measured fit peaks at "
+                  f"{' and '.join(f'{n:,}' for n in sizes)}; {method}; N rounded down to 100k.", "",
+                  f"| configuration | bytes/row (fit) | fixed MiB (fit) | predicted N | "
+                  f"{'largest N measured under cap' if verified else 'largest N (predicted)'} | fit peak there MiB "
+                  "| vs Keras Adam + Keras Embedding |", "|---|---:|---:|---:|---:|---:|---:|"]
         for config, h in res["headroom"].items():
             last = next((t for t in reversed(h["tried"]) if t.get("rows") == h["largest_rows"]), {})
             ratio = f"{h['largest_rows'] / base:.2f}x" if base and h["largest_rows"] else "-"
             largest = f"{h['largest_rows']:,}" if h["largest_rows"] else "none"
             peak = fmt_mib(last["peak_fit"]) if last.get("peak_fit") else "-"
-            lines.append(f"| {CONFIGS[config][2]} | {h['bytes_per_row']:,.0f} | {h['predicted_rows'] or 0:,} | "
+            if not verified and h["largest_rows"]:
+                peak = f"{(h['fixed_bytes'] + h['bytes_per_row'] * h['largest_rows']) / MIB:,.0f} (predicted)"
+            lines.append(f"| {CONFIGS[config][2]} | {h['bytes_per_row']:,.0f} | {fmt_mib(h['fixed_bytes'])} | "
+                         f"{h['predicted_rows'] or 0:,} | "
                          f"{largest} | {peak} | {ratio} |")
         lines.append("")
     if res.get("build"):
@@ -364,6 +379,10 @@ def main():
     p.add_argument("--build-before", default=None,
                    help="path of a keras_sketch checkout to measure build memory 'before' (e.g. an older commit)")
     p.add_argument("--build-before-commit", default=None, help="its commit, for the report")
+    p.add_argument("--verify-headroom", action="store_true",
+                   help="run each configuration at its predicted largest N (else: predicted from bytes/row only)")
+    p.add_argument("--from-json", default=None,
+                   help="re-render a saved bench_model.json (adding the predicted headroom) without running")
     p.add_argument("--quick", action="store_true", help="write results under benchmarks/results/tmp/, no RESULTS.md")
     p.add_argument("--worker", nargs=4, metavar=("CONFIG", "N", "WARMUP", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--build-worker", nargs=2, metavar=("OPTIMIZER", "N"), help=argparse.SUPPRESS)
@@ -374,6 +393,22 @@ def main():
         return
     if a.build_worker:
         print("RESULT " + json.dumps(build_worker(a.build_worker[0], int(a.build_worker[1]))), flush=True)
+        return
+
+    if a.from_json:
+        res = common.load_json(a.from_json, None)
+        if res is None:
+            raise SystemExit(f"--from-json: cannot read {a.from_json!r}")
+        res["cap_bytes"] = int(a.cap_gib * 2**30)
+        res["headroom_verified"] = False
+        res["headroom"] = headroom(res["fit"], res["sizes"], res["cap_bytes"], 0, 0, list(CONFIGS), verify=False)
+        text = markdown(res)
+        out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR
+        common.save_json(out_dir / ("bench_model_quick.json" if a.quick else "bench_model.json"), res)
+        plot(res, out_dir / "plots" / ("bench_model_quick.png" if a.quick else "bench_model.png"))
+        if not a.quick:
+            common.replace_section(common.RESULTS_MD, "bench_model", text)
+        print(text)
         return
 
     sizes = [int(s) for s in a.sizes.split(",") if s]
@@ -412,7 +447,9 @@ def main():
     if not a.no_headroom and len(sizes) >= 2:
         print(f"headroom at {a.cap_gib:g} GiB", flush=True)
         res["cap_bytes"] = int(a.cap_gib * 2**30)
-        res["headroom"] = headroom(res["fit"], sizes, res["cap_bytes"], a.warmup, max(a.steps // 2, 3), configs)
+        res["headroom_verified"] = a.verify_headroom
+        res["headroom"] = headroom(res["fit"], sizes, res["cap_bytes"], a.warmup, max(a.steps // 2, 3), configs,
+                                   verify=a.verify_headroom)
     print("\n" + finish())
 
 
