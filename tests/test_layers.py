@@ -102,9 +102,11 @@ def test_ragged_and_sparse_ids_equal_keras():
 
 def test_forward_gathers_rows_only():
     _, ours = pair()
-    fn = tf.function(ours).get_concrete_function(tf.TensorSpec([None, SEQ], tf.int32))
-    types = table_op_types(fn, ours.embeddings)
-    assert types == ["ResourceGather"], types
+    for spec in (tf.TensorSpec([None, SEQ], tf.int32), tf.SparseTensorSpec([None, SEQ], tf.int64),
+                 tf.RaggedTensorSpec([None, None], tf.int64)):
+        fn = tf.function(ours).get_concrete_function(spec)
+        types = table_op_types(fn, ours.embeddings)
+        assert types == ["ResourceGather"], (spec, types)
 
 
 def test_mask_equals_keras_and_propagates():
