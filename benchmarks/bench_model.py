@@ -400,6 +400,9 @@ def main():
         if res is None:
             raise SystemExit(f"--from-json: cannot read {a.from_json!r}")
         res["cap_bytes"] = int(a.cap_gib * 2**30)
+        if "--from-json" not in res["command"]:
+            res["command"] += (f"`, then `python {os.path.relpath(__file__, common.ROOT)} --from-json "
+                               f"{os.path.relpath(a.from_json, common.ROOT)} --cap-gib {a.cap_gib:g}")
         res["headroom_verified"] = False
         res["headroom"] = headroom(res["fit"], res["sizes"], res["cap_bytes"], 0, 0, list(CONFIGS), verify=False)
         text = markdown(res)
