@@ -88,12 +88,15 @@ def build_model(args):
     import keras
     import tensorflow as tf
 
+    import keras_sketch
+
     class SampledSoftmaxClassifier(keras.Model):
         """Features -> hidden -> classes; sampled-softmax loss in ``train_step``."""
 
         def __init__(self, **kw):
             super().__init__(**kw)
-            self.features = keras.layers.Embedding(args.features, args.dim, name="features")
+            # keras_sketch's Embedding gathers rows without reading the table whole (README, "Sparse training")
+            self.features = keras_sketch.layers.Embedding(args.features, args.dim, name="features")
             self.hidden = keras.layers.Dense(args.dim, activation="relu", name="hidden")
             self.loss_tracker = keras.metrics.Mean(name="loss")
 

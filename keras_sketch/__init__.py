@@ -4,6 +4,8 @@ Implements "Compressing Gradient Optimizers via Count-Sketches" (Spring,
 Kyrillidis, Mohan, Shrivastava, ICML 2019) for Keras 3 on TensorFlow.
 """
 
+from keras_sketch import layers
+from keras_sketch.layers import Embedding
 from keras_sketch.memory import MemoryReport
 from keras_sketch.optimizers import (
     CSAdagrad,
@@ -18,6 +20,6 @@ from keras_sketch.optimizers import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "CSAdagrad", "CSAdam", "CSLion", "CSMomentum", "CSRMSprop", "MemoryReport", "SM3", "SketchedSGD",
-    "SketchOptimizer",
+    "CSAdagrad", "CSAdam", "CSLion", "CSMomentum", "CSRMSprop", "Embedding", "MemoryReport", "SM3",
+    "SketchedSGD", "SketchOptimizer", "layers",
 ]

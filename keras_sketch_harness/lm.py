@@ -11,8 +11,11 @@ def build_lm(vocab_size, embed_dim=128, hidden=128, layers=1, dropout=0.0, steps
     """Word-level LSTM language model: Embedding -> LSTM x layers -> Dense(vocab)."""
     import keras
 
+    import keras_sketch
+
     inputs = keras.Input((steps,), dtype="int32")
-    h = keras.layers.Embedding(vocab_size, embed_dim, name="embedding")(inputs)
+    # keras_sketch's Embedding gathers rows without reading the table whole (README, "Sparse training")
+    h = keras_sketch.layers.Embedding(vocab_size, embed_dim, name="embedding")(inputs)
     for i in range(layers):
         h = keras.layers.Dropout(dropout)(h) if dropout else h
         h = keras.layers.LSTM(hidden, return_sequences=True, name=f"lstm_{i}")(h)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras_sketch.tf_internals import variable_path
 
 from keras_sketch import fused as fused_op
+from keras_sketch.layers import warn_if_read_whole
 from keras_sketch import guard, memory, plan
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
@@ -363,7 +364,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             )
         slots = {}
         for slot in var_plan.slots:
-            init = keras.initializers.Constant(slot.initial)
+            init = _filled(slot.initial)
             if slot.sketched:
                 table = self._add_state_variable(var, f"{slot.name}_sketch", slot.shape, init)
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
@@ -390,6 +391,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         # The plan chose the fused op where it can run; XLA compiles no custom op.
         fused = var_plan.fused and not in_xla_context()
         if isinstance(gradient, tf.IndexedSlices):
+            warn_if_read_whole(self, variable)
             ids, values = layout.sparse_view(gradient)
             values, finite = guard.finite_rows(tf.cast(values, dtype))
             if in_xla_context():
@@ -462,6 +464,15 @@ class _Observers:
 
     def __init__(self):
         self.fns = []
+
+
+def _filled(value):
+    """An initializer whose only full-size buffer is the state itself:
+    ``tf.fill`` makes one tensor, which the new variable adopts.
+    (``keras.initializers.Constant`` multiplies a full-size ``ones`` by the
+    value: a temporary as large as the slot at build time.)"""
+    return lambda shape, dtype=None: tf.fill(shape, tf.cast(value, dtype))
+
 
 
 def _checksum(arrays):

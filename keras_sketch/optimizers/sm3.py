@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras_sketch import guard, memory
 from keras_sketch.optimizers.base import CompressedStateMixin, check_beta, check_number
 from keras_sketch.sketch import EXACT
+from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.state import merge_duplicates
 from keras_sketch.tf_internals import tf_variable
 
@@ -108,6 +109,7 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         # NaN/Inf counts as a zero gradient, which for SM3 is the same as an
         # absent row (its sparse step is the dense step with zero rows).
         if isinstance(gradient, tf.IndexedSlices):
+            warn_if_read_whole(self, variable)
             g = _zero_nonfinite_slices(variable, tf.cast(gradient.values, dtype))
             ids, g, valid = merge_duplicates(gradient.indices, g)
             nu = sparse_accumulate(covers, ids, g * g, *self._decay_scale(), self.variant)
