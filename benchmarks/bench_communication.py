@@ -31,7 +31,16 @@ import argparse
 import math
 import time
 
-from common import RESULTS_DIR, RESULTS_MD, load_json, lm_data, machine_info, machine_line, replace_section, save_json
+from common import (
+    RESULTS_DIR,
+    RESULTS_MD,
+    lm_data,
+    load_json,
+    machine_info,
+    machine_line,
+    replace_section,
+    save_json,
+)
 
 OUT = RESULTS_DIR / "bench_communication.json"
 PLOT = RESULTS_DIR / "plots" / "communication.png"

@@ -205,7 +205,7 @@ def run_sub(args, package_path=None, timeout=3600):
     env["PYTHONPATH"] = str(package_path or common.ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         return dict(error=(out.stderr or out.stdout)[-1500:], returncode=out.returncode)
     return json.loads(lines[-1][len("RESULT "):])

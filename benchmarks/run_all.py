@@ -224,8 +224,8 @@ def best_run(runs):
 
 # --------------------------------------------------------------------------- speed
 def speed_section(quick, repeats):
-    import numpy as np
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from keras_sketch import fused as fused_mod

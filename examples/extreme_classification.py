@@ -181,8 +181,14 @@ def main(argv=None):
     startup.import_tensorflow(announce=True)
     import keras
 
-    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
-    from keras_sketch_harness.harness import state_bytes
+    from keras_sketch_harness.harness import (
+        fit_callbacks,
+        make_optimizer,
+        plot_curves,
+        print_table,
+        save_json,
+        state_bytes,
+    )
 
     (x, y), (tx, ty) = make_data(args)
     print(f"data: structured synthetic (seed {args.seed}): {len(x):,} training / {len(tx):,} test examples, "

@@ -108,8 +108,14 @@ def main(argv=None):
     startup.import_tensorflow(announce=True)
     import keras
 
-    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
-    from keras_sketch_harness.harness import state_bytes
+    from keras_sketch_harness.harness import (
+        fit_callbacks,
+        make_optimizer,
+        plot_curves,
+        print_table,
+        save_json,
+        state_bytes,
+    )
 
     (x, y), (tx, ty), n_classes, desc = load_images(args)
     print(f"data: {desc}\n{len(x):,} training / {len(tx):,} test images of shape {x.shape[1:]}, {n_classes} classes")

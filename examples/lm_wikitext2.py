@@ -65,8 +65,14 @@ def main(argv=None):
     startup.import_tensorflow(announce=True)
     import keras
 
-    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
-    from keras_sketch_harness.harness import state_bytes
+    from keras_sketch_harness.harness import (
+        fit_callbacks,
+        make_optimizer,
+        plot_curves,
+        print_table,
+        save_json,
+        state_bytes,
+    )
     from keras_sketch_harness.lm import build_lm, lm_loss
     from keras_sketch_harness.wikitext import DataError, Vocabulary, bptt_batches, load_wikitext2
 

@@ -73,7 +73,13 @@ def main(argv=None):
 
     startup.import_tensorflow(announce=True)
     import keras_sketch
-    from keras_sketch_harness.harness import fit_callbacks, make_optimizer, plot_curves, print_table, save_json
+    from keras_sketch_harness.harness import (
+        fit_callbacks,
+        make_optimizer,
+        plot_curves,
+        print_table,
+        save_json,
+    )
     from keras_sketch_harness.lm import lm_data, train_lm
     from keras_sketch_harness.wikitext import DataError
 

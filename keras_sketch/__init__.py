@@ -8,6 +8,7 @@ from keras_sketch import layers
 from keras_sketch.layers import Embedding
 from keras_sketch.memory import MemoryReport
 from keras_sketch.optimizers import (
+    SM3,
     CSAdagrad,
     CSAdam,
     CSLion,
@@ -15,7 +16,6 @@ from keras_sketch.optimizers import (
     CSRMSprop,
     SketchedSGD,
     SketchOptimizer,
-    SM3,
 )
 
 __version__ = "0.1.0"

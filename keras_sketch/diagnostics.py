@@ -38,10 +38,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params, sketch_width
-from keras_sketch.state import Layout
 from keras_sketch.optimizers import sm3
 from keras_sketch.optimizers.base import CompressedStateMixin
+from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params, sketch_width
+from keras_sketch.state import Layout
 
 DEFAULT_METHODS = {
     COUNT_SKETCH: dict(kind=COUNT_SKETCH, depth=3),

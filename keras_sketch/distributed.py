@@ -68,7 +68,7 @@ class Trainer:
             per_example = tf.cast(self.loss_fn(y, prediction), tf.float32)
             loss = tf.reduce_sum(per_example) / tf.cast(global_batch_size, tf.float32)
             if self.model.losses:
-                loss += tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]) / self.num_replicas
+                loss += tf.add_n([tf.cast(term, tf.float32) for term in self.model.losses]) / self.num_replicas
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)

@@ -43,9 +43,8 @@ def import_tensorflow(announce=False):
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
             import keras  # noqa: F401 - Keras's own start-up happens here too
+            import tensorflow as tf
 
             devices = tf.config.list_physical_devices()  # the cuInit line is written here
         finally:

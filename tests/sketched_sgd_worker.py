@@ -141,6 +141,7 @@ def run_synthetic(mode, strategy, results, prefix):
 
 def mirrored(out_path):
     import keras
+
     import keras_sketch as ks
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -190,6 +191,7 @@ def record_collectives():
 
 def mwms(out_path):
     import keras
+
     import keras_sketch as ks
     from keras_sketch.distributed import Trainer
 

@@ -73,7 +73,7 @@ def _train(name, use_fused, shape, grads, init, **kwargs):
 
 
 def _assert_paths_agree(name, shape, sparse, duplicates=True, steps=3, seed=0, **kwargs):
-    rows, dim = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    dim = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     rng = np.random.default_rng(seed)
     init = rng.normal(size=shape).astype("float32")
     grads = _gradients(rng, shape[0], dim, sparse, steps, duplicates)

@@ -375,7 +375,7 @@ def test_mirrored_strategy_training_equals_keras_layer():
     run = subprocess.run([sys.executable, "-c", MIRRORED], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    line = [l for l in run.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")][-1]
     out = json.loads(line[len("RESULT"):])
     for loop in ("fit", "trainer"):
         for a, b in zip(out["ours"][loop], out["keras"][loop]):

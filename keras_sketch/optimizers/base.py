@@ -16,15 +16,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.tf_internals import variable_path
-
 from keras_sketch import fused as fused_op
-from keras_sketch.layers import warn_if_read_whole
 from keras_sketch import guard, memory, plan
+from keras_sketch.layers import warn_if_read_whole
+from keras_sketch.optimizers import describe, state_spec
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
 from keras_sketch.tf_internals import in_xla_context, variable_path
-from keras_sketch.optimizers import describe, state_spec
 
 HASH_AXES = ("auto", "first", "last")
 MAX_DEPTH = 8

@@ -23,9 +23,9 @@ import keras
 import tensorflow as tf
 
 from keras_sketch import guard, memory
+from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.optimizers.base import CompressedStateMixin, check_beta, check_number
 from keras_sketch.sketch import EXACT
-from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.state import merge_duplicates
 from keras_sketch.tf_internals import tf_variable
 
