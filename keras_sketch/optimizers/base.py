@@ -309,6 +309,10 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
     _droppable_slots = ()
 
     def build(self, var_list):
+        """Plans every variable's state (``keras_sketch.plan``: what is exact,
+        sketched or dropped, along which axis, and the step's path), then
+        creates exactly the state variables the plans list.  Called by Keras
+        on the first ``apply``; ``memory_report()`` shows the plans."""
         if self.built:
             return
         self._check_variables(var_list)
@@ -377,6 +381,12 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
 
     # -- the step --------------------------------------------------------------
     def update_step(self, gradient, variable, learning_rate):
+        """One variable's step, on the path its plan chose: row-sparse for a
+        ``tf.IndexedSlices`` gradient (duplicate ids merged, only the touched
+        rows and their buckets change), dense otherwise; through the fused
+        C++ op where the plan allows it, else the optimizer's ``_step`` in
+        TensorFlow.  Gradient rows holding NaN/Inf are left out first
+        (``keras_sketch.guard``)."""
         index = self._get_variable_index(variable)
         var_plan, slots = self._plans[index], self._slots[index]
         layout, dtype = var_plan.layout, variable.dtype

@@ -69,6 +69,9 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         self.epsilon = float(check_number("epsilon", epsilon, 0.0))
 
     def build(self, var_list):
+        """Creates one accumulator per axis of every matrix or higher-rank
+        variable (a full accumulator for scalars and vectors), and the
+        momentum buffers when ``momentum > 0``."""
         if self.built:
             return
         self._check_variables(var_list)
@@ -101,6 +104,9 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         return (1.0, 1.0) if self.beta_2 is None else (self.beta_2, 1.0 - self.beta_2)
 
     def update_step(self, gradient, variable, learning_rate):
+        """One SM3 step: update the covers, estimate each entry as the minimum
+        over its covers, and step by the gradient over its square root (the
+        update of the class doc; sparse gradients give exactly the dense step)."""
         index = self._get_variable_index(variable)
         covers = [tf_variable(c) for c in self._covers[index]]
         dtype = variable.dtype
