@@ -19,8 +19,11 @@ def itemsize(dtype):
 def variable_row(var, var_plan, slots, params, exact_slot_count):
     """One report row: the state of ``var`` (built from ``var_plan``, a
     ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
-    states = {name: (slot.kind, tuple(int(s) for s in slot.table.shape)) for name, slot in slots.items()}
-    state_bytes = sum(_nbytes(slot.table.shape, slot.table.dtype) for slot in slots.values())
+    tables = {name: getattr(slot, "variables", (getattr(slot, "table", None),)) for name, slot in slots.items()}
+    states = {
+        name: (slot.kind, tuple(int(s) for t in tables[name] for s in t.shape)) for name, slot in slots.items()
+    }
+    state_bytes = sum(_nbytes(t.shape, t.dtype) for ts in tables.values() for t in ts)
     if params is not None:
         state_bytes += _nbytes(params.shape, "int64")
     return {
@@ -78,7 +81,8 @@ class MemoryReport:
         lines = [header, "-" * len(header)]
         for r in self.rows:
             states = ", ".join(
-                f"{name}:{'x'.join(map(str, shape))}" + ("" if kind == EXACT else f"({kind.replace('count_', 'c')})")
+                f"{name}:{('+' if kind == 'factored' else 'x').join(map(str, shape))}"
+                + ("" if kind == EXACT else f"({kind.replace('count_', 'c')[:4]})")
                 for name, (kind, shape) in r["states"].items()
             )
             if r.get("dropped"):

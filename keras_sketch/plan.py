@@ -22,12 +22,19 @@ Two planners:
      perplexity on a Transformer LM and nothing on an LSTM LM and a
      recommender, while sketching the 1st moment cost up to 3.7x).  If the
      remaining slots fit in exact form, keep them exact.
-  3. Otherwise scalars and vectors stay exact, and every matrix is sketched
-     along its longer axis (``hash_axis="auto"``: the vocabulary of an
-     embedding, the class axis of a softmax kernel), signed slots in a
-     count-sketch, non-negative slots in a count-min sketch, all at one
-     common compression, the largest whose total fits the budget.
-  4. A budget below what width-1 sketches need raises ``ValueError`` naming
+  3. Otherwise scalars and vectors stay exact, and every matrix's
+     non-negative slots (2nd moments, accumulators) are kept in rank-1
+     factored form (``keras_sketch.factored``: ``rows + dim`` numbers,
+     Adafactor's estimate, which had by far the lowest error at equal memory
+     in docs/approximation.md and does not damp steps the way count-min's
+     overestimate does).  Signed slots (momenta) are count-sketches along
+     the matrix's longer axis (``hash_axis="auto"``: the vocabulary of an
+     embedding, the class axis of a softmax kernel), all at one common
+     compression, the largest whose total fits the budget.
+  4. If even the factored form does not fit, non-negative slots become
+     count-min sketches along the longer axis instead, at the largest common
+     compression that fits.
+  5. A budget below what width-1 sketches need raises ``ValueError`` naming
      the smallest feasible budget.
 """
 
@@ -36,6 +43,7 @@ import math
 
 import numpy as np
 
+from keras_sketch.factored import FACTORED
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, sketch_width
 from keras_sketch.state import Layout
 
@@ -51,7 +59,13 @@ class SlotPlan:
 
     @property
     def sketched(self):
-        return self.kind != EXACT
+        """Whether the slot is a hashed ``[depth, width, dim]`` table."""
+        return self.kind in (COUNT_SKETCH, COUNT_MIN)
+
+    def nbytes(self, itemsize):
+        if self.kind == FACTORED:  # a [rows] and a [dim] vector
+            return (self.shape[0] + self.shape[1]) * itemsize
+        return int(np.prod(self.shape)) * itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +87,10 @@ class VariablePlan:
 
     @property
     def sketched(self):
-        """Whether some state is compressed (a sketch narrower than the rows)."""
-        return self.hashed and self.width < self.layout.rows
+        """Whether some state is compressed (a sketch narrower than the rows,
+        or a factored slot)."""
+        factored = any(s.kind == FACTORED for s in self.slots)
+        return factored or (self.hashed and self.width < self.layout.rows)
 
     @property
     def hashed_axis(self):
@@ -90,6 +106,10 @@ class VariablePlan:
         return "densified (the sketch hashes the last axis)"
 
     @property
+    def compressed_kinds(self):
+        return sorted({s.kind for s in self.slots if s.kind != EXACT})
+
+    @property
     def path(self):
         """One line for reports: the step's path and, when TF, why."""
         if self.fused:
@@ -97,18 +117,22 @@ class VariablePlan:
         return f"TF ({self.fused_reason})" if self.fused_reason else "TF"
 
     def state_bytes(self, itemsize):
-        total = sum(int(np.prod(s.shape)) for s in self.slots) * itemsize
+        total = sum(s.nbytes(itemsize) for s in self.slots)
         return total + (self.depth * HASH_PARAM_BYTES if self.hashed else 0)
 
 
-def _slot_plans(layout, kinds, sketched, depth, width, force_sketch=False):
+def _slot_plans(layout, kinds, sketched, depth, width, force_sketch=False, factor=False):
     """Slots of one variable: exact ``[rows, dim]``, or ``[depth, width, dim]``
     sketches for the slots the optimizer declares sketched (with
-    ``force_sketch``, every slot: signed ones in a count-sketch)."""
+    ``force_sketch``, every slot: signed ones in a count-sketch; with
+    ``factor``, non-negative slots in factored form instead of count-min)."""
     plans = []
     for name, (kind, initial) in kinds.items():
         if force_sketch and kind == EXACT:
             kind = COUNT_SKETCH
+        if factor and kind == COUNT_MIN:
+            plans.append(SlotPlan(name, FACTORED, float(initial), (layout.rows, layout.dim)))
+            continue
         if sketched and kind != EXACT:
             plans.append(SlotPlan(name, kind, float(initial), (depth, width, layout.dim)))
         else:
@@ -159,22 +183,24 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     matrices = [i for i, s in enumerate(shapes) if len(s) >= 2]
     fixed = sum(plans[i].state_bytes(itemsizes[i]) for i in range(len(shapes)) if i not in matrices)
 
-    def plans_at(compression):
+    def plans_at(compression, factor):
         out = list(plans)
         for i in matrices:
-            hashed = Layout(shapes[i], transpose=_longer_is_last(shapes[i]))
-            w = min(max(1, int(compression * hashed.rows / depth)), hashed.rows)
-            if depth * w >= hashed.rows or w >= hashed.rows:
-                out[i] = plans[i]  # a sketch this wide costs more than the exact slot
-                continue
-            slots = _slot_plans(hashed, kept, True, depth, w, force_sketch=True)
-            out[i] = VariablePlan(hashed, slots, depth=depth, width=w, dropped=dropped)
+            hashes = not (factor and all(kind == COUNT_MIN for kind, _ in kept.values()))
+            layout = Layout(shapes[i], transpose=hashes and _longer_is_last(shapes[i]))
+            w = min(max(1, int(compression * layout.rows / depth)), layout.rows) if hashes else 0
+            slots = _slot_plans(layout, kept, True, depth, w, force_sketch=True, factor=factor)
+            candidate = VariablePlan(layout, slots, depth=depth if hashes else 1, width=w, dropped=dropped)
+            if candidate.state_bytes(itemsizes[i]) < plans[i].state_bytes(itemsizes[i]):
+                out[i] = candidate  # else a sketch this wide costs more than the exact slot
         return out
 
     def cost(candidate):
         return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
 
-    smallest = plans_at(0.0)
+    # Non-negative slots factored (rule 3) where that fits, else count-min.
+    factor = cost(plans_at(0.0, True)) <= allowed
+    smallest = plans_at(0.0, factor)
     if cost(smallest) > allowed:
         feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
         raise ValueError(
@@ -183,14 +209,16 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
             f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
             f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
         )
+    if all(kind == COUNT_MIN for kind, _ in kept.values()) and factor:
+        return smallest  # nothing is hashed: no width to choose
     low, high = 0.0, 1.0
     for _ in range(60):  # the largest common compression that fits
         mid = 0.5 * (low + high)
-        if cost(plans_at(mid)) <= allowed:
+        if cost(plans_at(mid, factor)) <= allowed:
             low = mid
         else:
             high = mid
-    return plans_at(low)
+    return plans_at(low, factor)
 
 
 def _numel(shape):

@@ -77,6 +77,8 @@ def _assert_paths_agree(name, shape, sparse, duplicates=True, steps=3, seed=0, *
     rng = np.random.default_rng(seed)
     init = rng.normal(size=shape).astype("float32")
     grads = _gradients(rng, shape[0], dim, sparse, steps, duplicates)
+    if len(shape) == 1 and not sparse:
+        grads = [tf.reshape(g, shape) for g in grads]  # a gradient has its variable's shape
     if len(shape) > 2:
         grads = [tf.IndexedSlices(g.values, g.indices) if sparse else tf.reshape(g, shape)
                  for g in grads]

@@ -20,6 +20,7 @@ from keras_sketch.tf_internals import variable_path
 
 from keras_sketch import fused as fused_op
 from keras_sketch import guard, memory, plan
+from keras_sketch.factored import FACTORED, FactoredState
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
 from keras_sketch.tf_internals import in_xla_context, variable_path
@@ -284,7 +285,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         self._check_variables(var_list)
         super().build(var_list)
         self._plans = [
-            dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), fused_op.fused_reason(self, p.layout, v))))
+            dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), self._path(p, v))))
             for p, v in zip(self._make_plans(var_list), var_list)
         ]
         self.dropped_slots = tuple(sorted({n for p in self._plans for n in p.dropped}))
@@ -309,6 +310,12 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             kinds, self._droppable_slots, self._exact_slot_count, self.state_budget, self.depth,
         )
 
+    def _path(self, var_plan, var):
+        """``(fused, reason)``: whether the fused op can run this variable's step."""
+        if FACTORED in var_plan.compressed_kinds:
+            return False, "factored state (the fused op has no kernel for it)"
+        return fused_op.fused_reason(self, var_plan.layout, var)
+
     def _build_variable_state(self, index, var, var_plan):
         """Creates the state variables ``var_plan`` lists."""
         layout, name = var_plan.layout, _clean(var)
@@ -324,7 +331,11 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         slots = {}
         for slot in var_plan.slots:
             init = keras.initializers.Constant(slot.initial)
-            if slot.sketched:
+            if slot.kind == FACTORED:
+                row = self.add_variable(slot.shape[:1], init, var.dtype, name=f"{name}_{slot.name}_row")
+                col = self.add_variable(slot.shape[1:], init, var.dtype, name=f"{name}_{slot.name}_col")
+                slots[slot.name] = FactoredState(row, col)
+            elif slot.sketched:
                 table = self.add_variable(slot.shape, init, var.dtype, name=f"{name}_{slot.name}_sketch")
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
             else:
