@@ -160,14 +160,18 @@ def rule_plan(shape, kinds, depth, compression, width, min_rows, hash_axis):
     return VariablePlan(hashed, _slot_plans(hashed, kinds, True, depth, w), depth=depth, width=w)
 
 
-def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, depth):
+def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, depth, estimator="auto"):
     """Plans for all variables under ``state_budget=budget`` (module doc).
 
     ``shapes``/``itemsizes`` list the model variables; ``kinds`` is the
     optimizer's ``{slot: (kind, initial)}``; ``droppable`` the slot names the
-    optimizer can run without.  Returns the plans; raises ``ValueError`` when
-    the budget cannot be met.
+    optimizer can run without; ``estimator`` the 2nd-moment form of
+    compressed matrices: ``"auto"`` (the rules above), ``"count_min"`` or
+    ``"factored"`` (for studies: benchmarks/budget_study.py).  Returns the
+    plans; raises ``ValueError`` when the budget cannot be met.
     """
+    if estimator not in ("auto", COUNT_MIN, FACTORED):
+        raise ValueError(f"`estimator` must be 'auto', {COUNT_MIN!r} or {FACTORED!r}, got {estimator!r}.")
     exact_bytes = sum(exact_slot_count * _numel(s) * i for s, i in zip(shapes, itemsizes))
     allowed = budget * exact_bytes
     if budget >= 1.0:
@@ -186,12 +190,20 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     def plans_at(compression, factor):
         out = list(plans)
         for i in matrices:
-            hashes = not (factor and all(kind == COUNT_MIN for kind, _ in kept.values()))
-            layout = Layout(shapes[i], transpose=hashes and _longer_is_last(shapes[i]))
-            w = min(max(1, int(compression * layout.rows / depth)), layout.rows) if hashes else 0
-            slots = _slot_plans(layout, kept, True, depth, w, force_sketch=True, factor=factor)
-            candidate = VariablePlan(layout, slots, depth=depth if hashes else 1, width=w, dropped=dropped)
-            if candidate.state_bytes(itemsizes[i]) < plans[i].state_bytes(itemsizes[i]):
+            exact = plans[i].state_bytes(itemsizes[i])
+            factor_here = factor and _numel(shapes[i]) // Layout(shapes[i]).rows > 1  # not [rows, 1]
+            if factor_here and all(kind == COUNT_MIN for kind, _ in kept.values()):
+                layout = Layout(shapes[i])
+                candidate = VariablePlan(layout, _slot_plans(layout, kept, False, 1, 0, factor=True),
+                                         dropped=dropped)
+                if candidate.state_bytes(itemsizes[i]) < exact:
+                    out[i] = candidate
+                    continue
+            layout = Layout(shapes[i], transpose=_longer_is_last(shapes[i]))
+            w = min(max(1, int(compression * layout.rows / depth)), layout.rows)
+            slots = _slot_plans(layout, kept, True, depth, w, force_sketch=True, factor=factor_here)
+            candidate = VariablePlan(layout, slots, depth=depth, width=w, dropped=dropped)
+            if candidate.state_bytes(itemsizes[i]) < exact:
                 out[i] = candidate  # else a sketch this wide costs more than the exact slot
         return out
 
@@ -199,7 +211,7 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
         return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
 
     # Non-negative slots factored (rule 3) where that fits, else count-min.
-    factor = cost(plans_at(0.0, True)) <= allowed
+    factor = cost(plans_at(0.0, True)) <= allowed if estimator == "auto" else estimator == FACTORED
     smallest = plans_at(0.0, factor)
     if cost(smallest) > allowed:
         feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
@@ -209,7 +221,7 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
             f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
             f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
         )
-    if all(kind == COUNT_MIN for kind, _ in kept.values()) and factor:
+    if not any(p.hashed for p in smallest):
         return smallest  # nothing is hashed: no width to choose
     low, high = 0.0, 1.0
     for _ in range(60):  # the largest common compression that fits
