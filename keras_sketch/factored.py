@@ -11,9 +11,11 @@ estimate of a row by the mass of the rows it collides with, so it does not
 damp the steps of dense layers.  ``state_budget``'s planner uses it for the
 non-negative slots of matrices (keras_sketch/plan.py).
 
-Sparse rows (``tf.IndexedSlices``) update lazily like the other states: the
-touched rows' ``R`` and the column averages ``C`` over the touched rows;
-untouched rows keep their ``R``.
+Sparse rows (``tf.IndexedSlices``) give exactly the dense step of the same
+gradient with zero rows elsewhere (every ``R`` decays, ``C`` averages over
+all rows), like SM3 (the exact and count-min states update lazily).  The
+step itself still only moves the touched rows; the estimate of a rarely
+touched row keeps the decay that Adam's bias correction assumes.
 """
 
 import tensorflow as tf
@@ -43,14 +45,15 @@ class FactoredState:
             r.assign(decay * tf.convert_to_tensor(r) + scale * tf.reduce_mean(x, axis=1))
             c.assign(decay * tf.convert_to_tensor(c) + scale * tf.reduce_mean(x, axis=0))
             return self._estimate(tf.convert_to_tensor(r))
+        # Sparse rows give exactly the dense step with zero rows (as SM3 does,
+        # keras_sketch/optimizers/sm3.py): every R decays, the touched rows add
+        # their mean, and C averages over all rows (untouched ones add 0).  Both
+        # are O(rows + dim) vector operations.
         mask = rows.mask  # [k, 1]: 0 for padding and left-out rows
-        kept = tf.maximum(tf.reduce_sum(mask), 1.0)
-        previous = r.sparse_read(rows.ids)
-        row_mean = tf.reduce_mean(x, axis=1)
-        r.scatter_nd_add(rows.ids[:, None], mask[:, 0] * ((decay - 1.0) * previous + scale * row_mean))
-        touched = tf.cast(tf.reduce_sum(mask) > 0, x.dtype)  # an empty step leaves C as it is
-        col_mean = tf.reduce_sum(mask * x, axis=0) / kept
-        c.assign(tf.convert_to_tensor(c) * (1.0 + touched * (decay - 1.0)) + touched * scale * col_mean)
+        r.assign(decay * tf.convert_to_tensor(r))
+        r.scatter_nd_add(rows.ids[:, None], mask[:, 0] * scale * tf.reduce_mean(x, axis=1))
+        col_mean = tf.reduce_sum(mask * x, axis=0) / float(self.rows)
+        c.assign(decay * tf.convert_to_tensor(c) + scale * col_mean)
         return self._estimate(r.sparse_read(rows.ids))
 
     def read(self, rows=None):

@@ -78,6 +78,26 @@ def test_factored_second_moment_is_exact_for_rank_one_squares(sparse):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_factored_sparse_step_is_the_dense_step_with_zero_rows():
+    """Sparse rows (with duplicates) update the factored state exactly as the
+    dense gradient with zero rows elsewhere does (keras_sketch/factored.py)."""
+    rng = np.random.default_rng(4)
+    init = rng.normal(size=(300, 8)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    sparse_opt = keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.1)
+    dense_opt = keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.1)
+    for _ in range(8):
+        ids = rng.integers(0, 300, 64)  # repeats: merged before the update
+        grad = tf.IndexedSlices(tf.constant(rng.normal(size=(64, 8)).astype("float32")), tf.constant(ids),
+                                 tf.constant([300, 8]))
+        sparse_opt.apply([grad], [a])
+        dense_opt.apply([tf.convert_to_tensor(grad)], [b])
+    assert sparse_opt.memory_report().rows[0]["states"]["v"][0] == "factored"
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    for x, y in zip(sparse_opt.variables, dense_opt.variables):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
 def test_plan_drops_first_moment_then_sketches_every_matrix():
     model = models()["lm"]
     half = keras_sketch.CSAdam(state_budget=0.5)
