@@ -57,11 +57,11 @@ import common  # noqa: E402
 OUT = common.RESULTS_DIR / "budget_study.json"
 PLOT = common.RESULTS_DIR / "plots" / "budget_study.png"
 BUDGETS = (1.0, 0.1, 0.02, 0.005)
-ESTIMATORS = {"cm": "count_min", "fac": "factored"}
+ESTIMATORS = {"cm": "count_min", "fac": "factored", "mix": "mixed"}
 
 # Priority order: the factored-vs-count-min decision first, then the rest.
-CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "cs_1.0", "cm_0.1", "fac_0.1",
-           "lion", "adafactor", "sm3"]
+CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "mix_0.005", "cs_1.0", "cm_0.1", "fac_0.1",
+           "lion", "adafactor", "sm3", "mix_0.02", "mix_0.1"]
 DESCRIPTIONS = {
     "adam": "Keras Adam",
     "adafactor": "Keras Adafactor",
@@ -72,6 +72,8 @@ DESCRIPTIONS = {
 for _b in BUDGETS[1:]:
     DESCRIPTIONS[f"cm_{_b}"] = f"CSAdam(state_budget={_b}), count-min 2nd moment"
     DESCRIPTIONS[f"fac_{_b}"] = f"CSAdam(state_budget={_b}), factored 2nd moment"
+    DESCRIPTIONS[f"mix_{_b}"] = (f"CSAdam(state_budget={_b}), per matrix the cheaper of factored and count-min "
+                                 "at the common width")
 
 TASKS = {
     # name: (metric, higher is better, learning-rate grid, default settings)
@@ -253,14 +255,17 @@ def plan_signature(setup, name, lr, clipnorm):
     """What a budgeted optimizer would build (bytes and per-slot kinds), or None."""
     import keras
 
-    if not name.startswith(("cm_", "fac_")):
+    if not name.startswith(tuple(f"{e}_" for e in ESTIMATORS)):
         return None
     model = setup[0]()
     optimizer = make_optimizer(name, lr, clipnorm)
     optimizer.build(model.trainable_variables)
     rows = optimizer.memory_report().rows
     keras.backend.clear_session()
-    return [[r["variable"], sorted((k, v[0], list(v[1])) for k, v in r["states"].items())] for r in rows]
+    import json
+
+    return json.loads(json.dumps([[r["variable"], sorted([k, v[0], list(v[1])] for k, v in r["states"].items())]
+                                  for r in rows]))
 
 
 def train(task, setup, s, name, lr, seed, evals, clipnorm):
@@ -484,29 +489,43 @@ def main(argv=None):
         setup = load_task(a.task, settings, a.seed)
         store(out, a.task, ("data",), setup[-1])
         print(setup[-1], flush=True)
-        for name in filter(None, a.configs.split(",")):
+        names = list(filter(None, a.configs.split(",")))
+        for name in names:
             if name not in CONFIGS:
                 p.error(f"unknown config {name!r}; choose from {CONFIGS}")
-            for lr in lrs:
+        # Adam first on the whole grid; then every other configuration at Adam's best lr (the
+        # targets are defined there), then at the other rates.
+        queue = [("adam", lr) for lr in lrs] if "adam" in names else []
+        queue += [None]  # placeholder: ordered once Adam's best lr is known
+        for item in queue:
+            if item is None:
                 done = common.load_json(out, {}).get("tasks", {}).get(a.task, {}).get("runs", {})
-                if repr(lr) in done.get(name, {}):
-                    continue
-                try:
-                    signature = plan_signature(setup, name, lr, a.clipnorm)
-                    twin = [n for n, rs in done.items() if signature is not None
-                            and rs.get(repr(lr), {}).get("signature") == signature]
-                    if twin:  # the same plan already ran (e.g. factored at 0.02 and at 0.005)
-                        r = dict(done[twin[0]][repr(lr)], same_as=twin[0])
-                    else:
-                        r = train(a.task, setup, settings, name, lr, a.seed, a.evals, a.clipnorm)
-                        r["signature"] = signature
-                except ValueError as err:  # an infeasible budget for this model
-                    print(f"{a.task} {name}: {err}", flush=True)
-                    break
-                store(out, a.task, ("runs", name, repr(lr)), r)
-                print(f"{a.task:<11} {name:<10} lr {lr:<7g} {metric} {r['score']:.4g} (evals "
-                      f"{', '.join(f'{v:.4g}' for v in r['scores'])})  state {r['state_bytes']:>11,} B  "
-                      f"{r['seconds']:.0f}s", flush=True)
+                best = _best(done.get("adam", {}), higher)
+                order = sorted(lrs, key=lambda lr: (repr(lr) != best, lrs.index(lr)))
+                queue += [(n, lr) for lr in order for n in names if n != "adam"]
+                continue
+            name, lr = item
+            node = common.load_json(out, {}).get("tasks", {}).get(a.task, {})
+            done = node.get("runs", {})
+            if repr(lr) in done.get(name, {}) or name in node.get("infeasible", {}):
+                continue
+            try:
+                signature = plan_signature(setup, name, lr, a.clipnorm)
+                twin = [n for n, rs in done.items() if signature is not None
+                        and rs.get(repr(lr), {}).get("signature") == signature]
+                if twin:  # the same plan already ran (e.g. factored at 0.02 and at 0.005)
+                    r = dict(done[twin[0]][repr(lr)], same_as=twin[0])
+                else:
+                    r = train(a.task, setup, settings, name, lr, a.seed, a.evals, a.clipnorm)
+                    r["signature"] = signature
+            except ValueError as err:  # an infeasible budget for this model
+                print(f"{a.task} {name}: {err}", flush=True)
+                store(out, a.task, ("infeasible", name), str(err))
+                continue
+            store(out, a.task, ("runs", name, repr(lr)), r)
+            print(f"{a.task:<11} {name:<10} lr {lr:<7g} {metric} {r['score']:.4g} (evals "
+                  f"{', '.join(f'{v:.4g}' for v in r['scores'])})  state {r['state_bytes']:>11,} B  "
+                  f"{r['seconds']:.0f}s", flush=True)
     results = common.load_json(out, {})
     text = report(results)
     print(text)
