@@ -48,6 +48,13 @@ def test_budgets_are_met_as_reported(opt_name):
             if budget < 0.5:  # every matrix is compressed, every vector exact
                 for r in report.rows:
                     assert r["mode"] == ("sketched" if len(r["shape"]) >= 2 else "exact"), r
+                kinds = {kind for r in report.rows for kind, _ in r["states"].values()}
+                if kinds & {"count_min", "count_sketch"}:  # the common width spends the budget
+                    assert report.ratio > 0.5 * budget, (model_name, budget, report.ratio)
+                else:  # every matrix factored: the most the planner keeps; its size is fixed
+                    for r in report.rows:
+                        if len(r["shape"]) >= 2:
+                            assert {k for k, _ in r["states"].values()} == {"factored"}, r
 
 
 def test_infeasible_budget_names_the_smallest_feasible_one():
@@ -173,6 +180,36 @@ def test_budget_round_trips_and_refuses_another_budget(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     weights = str(tmp_path / "m.weights.h5")
     model.save_weights(weights)
-    other = _compiled(0.5)  # exact 2nd moment: another layout
-    with pytest.raises(ValueError, match="state_budget"):
-        other.load_weights(weights)
+    for budget in (0.5, 0.01):  # exact 2nd moment; count-min (factored does not fit): other layouts
+        other = _compiled(budget)
+        with pytest.raises(ValueError, match="state_budget"):
+            other.load_weights(weights)
+    same = _compiled(0.2)  # factored too: the same layout, so the state loads
+    same.load_weights(weights)
+    for a, b in zip(model.optimizer.variables, same.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_percent_budget_trains_close_to_adam():
+    """Quality guard for the planner: a tiny embedding classifier trained a few
+    hundred steps with ``state_budget=0.02`` (50x less state than Adam) ends
+    within a loose bound of Keras Adam's held-out loss at the same lr."""
+    rng = np.random.default_rng(7)
+    vocab, classes = 2000, 8
+    token_class = rng.integers(0, classes, vocab)
+    ids = rng.zipf(1.3, (6000, 6)) % vocab
+    labels = np.array([np.bincount(token_class[row], minlength=classes).argmax() for row in ids])
+
+    def held_out_loss(optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(vocab, 64),
+                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(32, activation="relu"),
+                                  keras.layers.Dense(classes)])
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(ids[:5000], labels[:5000], batch_size=25, epochs=1, shuffle=False, verbose=0)  # 200 steps
+        return model.evaluate(ids[5000:], labels[5000:], verbose=0), model.optimizer
+
+    adam, _ = held_out_loss(keras.optimizers.Adam(3e-3))
+    ours, opt = held_out_loss(keras_sketch.CSAdam(3e-3, state_budget=0.02))
+    assert opt.memory_report().ratio <= 0.02
+    assert np.isfinite(ours) and ours < 1.1 * adam, (ours, adam)
