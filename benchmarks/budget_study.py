@@ -420,13 +420,22 @@ def plot(results, path=PLOT):
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         _, rows = summary(task, results["tasks"][task])
+        higher = TASKS[task][1]
+        low, high = (0.9, 1.05) if higher else (0.6, 1.6)  # off-scale points are drawn at the edge
+
+        def clip(v):
+            return min(max(v, low), high)
+
         for r in rows:
             kind = r["name"].split("_")[0]
-            marker = {"cm": "o", "fac": "s", "cs": "D"}.get(kind, "^")
-            ax.scatter(r["state_ratio"], r["ratio"], marker=marker, label=r["name"])
-            if r["at_adam_ratio"] is not None and kind in ("cm", "fac"):
-                ax.scatter(r["state_ratio"], r["at_adam_ratio"], marker=marker, facecolors="none",
+            marker = {"cm": "o", "fac": "s", "mix": "P", "cs": "D"}.get(kind, "^")
+            off = clip(r["ratio"]) != r["ratio"]
+            label = r["name"] + (f" ({r['ratio']:.3g}, off scale)" if off else "")
+            ax.scatter(r["state_ratio"], clip(r["ratio"]), marker=marker, label=label)
+            if r["at_adam_ratio"] is not None and kind in ("cm", "fac", "mix"):
+                ax.scatter(r["state_ratio"], clip(r["at_adam_ratio"]), marker=marker, facecolors="none",
                            edgecolors="gray")
+        ax.set_ylim(low - 0.02 * (high - low), high + 0.02 * (high - low))
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("optimizer state / Adam's")
