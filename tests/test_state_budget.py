@@ -119,6 +119,24 @@ def test_plan_drops_first_moment_then_sketches_every_matrix():
         assert "path" in r and r["path"]
 
 
+def test_factored_where_all_fit_else_count_min_everywhere():
+    """Rules 3 and 4 (the study's decision, docs/state_budget.md)."""
+    model = models()["lm"]
+    for budget, kind in ((0.1, "factored"), (0.02, "factored"), (0.008, "count_min")):
+        opt = keras_sketch.CSAdam(state_budget=budget)
+        opt.build(model.trainable_variables)
+        for r in opt.memory_report().rows:
+            expected = kind if len(r["shape"]) >= 2 else "exact"
+            assert r["states"]["v"][0] == expected, (budget, r)
+            if kind == "factored" and len(r["shape"]) >= 2:
+                assert "factored state" in r["path"]  # no fused kernel: pure TF, and the report says why
+    # The factored plan's size is fixed: 0.1 and 0.02 give the same plan.
+    a, b = keras_sketch.CSAdam(state_budget=0.1), keras_sketch.CSAdam(state_budget=0.02)
+    a.build(model.trainable_variables)
+    b.build(model.trainable_variables)
+    assert a.memory_report().state_bytes == b.memory_report().state_bytes
+
+
 @pytest.mark.parametrize("use_fused", [False] + ([True] if fused.available() else []))
 def test_half_budget_is_exactly_adam_without_first_moment(use_fused):
     rng = np.random.default_rng(0)
