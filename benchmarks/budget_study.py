@@ -471,8 +471,11 @@ def main(argv=None):
             p.error("--task is required unless --report-only")
         import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(a.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(a.threads)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(a.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(a.threads)
+        except RuntimeError:  # TensorFlow already initialized (e.g. under pytest): keep its threads
+            pass
         common.quiet_tf()
         metric, higher, grid, settings = TASKS[a.task]
         settings = dict(settings, **(QUICK[a.task] if a.quick else {}), seed=a.seed, evals=a.evals,

@@ -231,3 +231,22 @@ def test_two_percent_budget_trains_close_to_adam():
     ours, opt = held_out_loss(keras_sketch.CSAdam(3e-3, state_budget=0.02))
     assert opt.memory_report().ratio <= 0.02
     assert np.isfinite(ours) and ours < 1.1 * adam, (ours, adam)
+
+
+def test_budget_study_quick_is_resumable(tmp_path):
+    """benchmarks/budget_study.py runs a task at tiny size, caches every run,
+    and a second invocation reuses them instead of training again."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import budget_study
+
+    out = str(tmp_path / "study.json")
+    args = ["--task", "cnn", "--quick", "--configs", "adam,cm_0.02,fac_0.02", "--lrs", "0.003", "--out", out]
+    first = budget_study.main(args)
+    runs = first["tasks"]["cnn"]["runs"]
+    assert set(runs) == {"adam", "cm_0.02", "fac_0.02"}
+    assert runs["cm_0.02"]["0.003"]["state_bytes"] <= 0.02 * runs["adam"]["0.003"]["state_bytes"]
+    second = budget_study.main(args)
+    assert second["tasks"]["cnn"]["runs"] == runs  # nothing trained again
