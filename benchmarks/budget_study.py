@@ -402,10 +402,47 @@ def report(results):
                          f"{r['state_ratio']:.4f} | {r['best_lr']:g} | {per} | {r['score']:.4g} | "
                          f"{r['ratio']:.3f} | {at} | {atr} |")
         lines.append("")
+    lines += shipped_table(results)
     if results.get("machine"):
         lines.append(f"Machine: {common.machine_line(results['machine'])}.")
     lines.append(f"Plot: `{PLOT.relative_to(common.ROOT)}` (quality at each optimizer's best lr vs state bytes).")
     return "\n".join(lines)
+
+
+def shipped(task, t, budget):
+    """The study row that is the shipped planner's plan at ``budget`` (rules 3-4:
+    factored if it fits, else count-min everywhere; a factored plan does not
+    depend on the budget, so a feasible ``fac_0.02`` is also the plan at 0.1)."""
+    if budget == 1.0:
+        return "cs_1.0"
+    infeasible, runs = t.get("infeasible", {}), t.get("runs", {})
+    fac = f"fac_{budget}"
+    if fac in infeasible:
+        return f"cm_{budget}"
+    if fac not in runs and "fac_0.02" in runs and budget > 0.02:
+        return "fac_0.02"
+    return fac
+
+
+def shipped_table(results):
+    lines = ["### The shipped planner (`CSAdam(state_budget=b)`), ratio against Keras Adam at Adam's lr", "",
+             "Rows of the tables above that are the planner's plan at each budget "
+             "(rule 3: factored if every matrix's factored form fits, else rule 4: count-min everywhere).",
+             "", "| task | " + " | ".join(f"b = {b}" for b in BUDGETS) + " |",
+             "|---|" + "---:|" * len(BUDGETS)]
+    for task, t in results.get("tasks", {}).items():
+        _, rows = summary(task, t)
+        by_name = {r["name"]: r for r in rows}
+        cells = []
+        for b in BUDGETS:
+            r = by_name.get(shipped(task, t, b))
+            if r is None or r["at_adam_ratio"] is None:
+                cells.append("not run")
+            else:
+                cells.append(f"{r['at_adam_ratio']:.3f} (`{r['name']}`, state {r['state_ratio']:.4f})")
+        if rows:
+            lines.append(f"| {task} ({TASKS[task][0]}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(results, path=PLOT):

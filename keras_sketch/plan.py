@@ -27,8 +27,9 @@ Two planners:
      factored form (``keras_sketch.factored``: ``rows + dim`` numbers,
      Adafactor's estimate).  At ``state_budget=0.02`` on a WikiText-2 LSTM
      LM it gave 0.72x Adam's test perplexity at Adam's learning rate where
-     count-min sketches of the same budget gave 0.98x, and on a Transformer
-     LM it removed most of count-min's step damping (docs/state_budget.md;
+     count-min sketches of the same budget gave 0.98x, on a Transformer LM
+     0.97x against count-min's 1.10x (the step damping of its overestimate),
+     on a Zipf recommender 1.00x RMSE against 1.11x (docs/state_budget.md;
      docs/approximation.md found it far more accurate at equal memory).  Its
      size does not grow with the budget: a plan that fits factored uses
      less than the budget, and a larger budget buys nothing more (the study
