@@ -21,7 +21,7 @@ def variable_row(var, var_plan, slots, params, exact_slot_count):
     ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
     return state_row(
         var,
-        {name: (slot.kind, slot.table) for name, slot in slots.items()},
+        {name: (slot.kind, getattr(slot, "variables", (slot.table,))) for name, slot in slots.items()},
         "sketched" if var_plan.sketched else "exact",
         exact_slot_count,
         extra_bytes=0 if params is None else _nbytes(params.shape, "int64"),
@@ -35,19 +35,24 @@ def variable_row(var, var_plan, slots, params, exact_slot_count):
 def state_row(var, states, mode, exact_slot_count, extra_bytes=0, hashed_axis=None, dropped=(), path="",
               sparse_path=""):
     """One report row of any keras_sketch optimizer: ``states`` maps a slot
-    name to ``(kind, state variable)``; ``extra_bytes`` counts state that is
-    no slot (hash parameters); the exact optimizer keeps
-    ``exact_slot_count`` variables of ``var``'s size."""
+    name to ``(kind, state variable)`` or ``(kind, (variables...))`` (a
+    factored slot's row and column vectors; the row shows their lengths
+    joined by ``+``); ``extra_bytes`` counts state that is no slot (hash
+    parameters); the exact optimizer keeps ``exact_slot_count`` variables of
+    ``var``'s size."""
+    states = {name: (kind, t if isinstance(t, tuple) else (t,)) for name, (kind, t) in states.items()}
     return {
         "variable": variable_path(var),
         "shape": tuple(int(s) for s in var.shape),
         "mode": mode,
         "hashed_axis": hashed_axis,
-        "states": {name: (kind, tuple(int(s) for s in table.shape)) for name, (kind, table) in states.items()},
+        "states": {
+            name: (kind, tuple(int(s) for t in tables for s in t.shape)) for name, (kind, tables) in states.items()
+        },
         "dropped": list(dropped),
         "path": path,
         "sparse_path": sparse_path,
-        "state_bytes": sum(_nbytes(table.shape, table.dtype) for _, table in states.values()) + extra_bytes,
+        "state_bytes": sum(_nbytes(t.shape, t.dtype) for _, tables in states.values() for t in tables) + extra_bytes,
         "exact_optimizer_bytes": exact_slot_count * _nbytes(var.shape, var.dtype),
     }
 
@@ -93,7 +98,8 @@ class MemoryReport:
         lines = [header, "-" * len(header)]
         for r in self.rows:
             states = ", ".join(
-                f"{name}:{'x'.join(map(str, shape))}" + ("" if kind == EXACT else f"({kind.replace('count_', 'c')})")
+                f"{name}:{('+' if kind == 'factored' else 'x').join(map(str, shape))}"
+                + ("" if kind == EXACT else f"({kind.replace('count_', 'c')[:4]})")
                 for name, (kind, shape) in r["states"].items()
             )
             if r.get("dropped"):

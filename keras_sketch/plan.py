@@ -22,13 +22,34 @@ Two planners:
      perplexity on a Transformer LM and nothing on an LSTM LM and a
      recommender, while sketching the 1st moment cost up to 3.7x).  If the
      remaining slots fit in exact form, keep them exact.
-  3. Otherwise scalars and vectors stay exact, and every matrix is sketched
-     along its longer axis (``hash_axis="auto"``: the vocabulary of an
-     embedding, the class axis of a softmax kernel), signed slots in a
-     count-sketch, non-negative slots in a count-min sketch, all at one
-     common compression, the largest whose total fits the budget.
-  4. A budget below what width-1 sketches need raises ``ValueError`` naming
+  3. Otherwise scalars and vectors stay exact, and every matrix's
+     non-negative slots (2nd moments, accumulators) are kept in rank-1
+     factored form (``keras_sketch.factored``: ``rows + dim`` numbers,
+     Adafactor's estimate).  At ``state_budget=0.02`` on a WikiText-2 LSTM
+     LM it gave 0.72x Adam's test perplexity at Adam's learning rate where
+     count-min sketches of the same budget gave 0.98x, on a Transformer LM
+     0.97x against count-min's 1.10x (the step damping of its overestimate),
+     on a Zipf recommender 1.00x RMSE against 1.11x (docs/state_budget.md;
+     docs/approximation.md found it far more accurate at equal memory).  Its
+     size does not grow with the budget: a plan that fits factored uses
+     less than the budget, and a larger budget buys nothing more (the study
+     found nothing that would spend it better).  Signed slots (momenta of
+     CSRMSprop/CSMomentum) are count-sketches along the matrix's longer axis
+     (``hash_axis="auto"``: the vocabulary of an embedding, the class axis
+     of a softmax kernel) at one common compression, the largest that fits.
+  4. If the factored forms do not all fit, every matrix's non-negative
+     slots are count-min sketches along its longer axis instead, at the
+     largest common compression that fits.  (The alternative, count-min only
+     for the matrices with the largest factored forms and factored for the
+     rest, measured worse at ``state_budget=0.005`` on both LMs: 1.42x and
+     1.26x Adam's perplexity against 1.31x and 1.23x; ``estimator="mixed"``
+     keeps it for studies.)  ``[rows, 1]`` matrices are never factored
+     (that is not smaller than exact): count-min or exact.
+  5. A budget below what width-1 sketches need raises ``ValueError`` naming
      the smallest feasible budget.
+
+The factored state has no fused-op kernel: its variables step in pure
+TensorFlow (``memory_report()`` says so per variable).
 """
 
 import dataclasses
@@ -36,10 +57,13 @@ import math
 
 import numpy as np
 
+from keras_sketch.factored import FACTORED
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, sketch_width
 from keras_sketch.state import Layout
 
 HASH_PARAM_BYTES = 4 * 8  # one int64 (a, b, c, d) row per depth
+MIXED = "mixed"  # factored, count-min only for the largest factored forms when needed (rule 4's alternative)
+ESTIMATORS = ("auto", COUNT_MIN, FACTORED, MIXED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +75,13 @@ class SlotPlan:
 
     @property
     def sketched(self):
-        return self.kind != EXACT
+        """Whether the slot is a hashed ``[depth, width, dim]`` table."""
+        return self.kind in (COUNT_SKETCH, COUNT_MIN)
+
+    def nbytes(self, itemsize):
+        if self.kind == FACTORED:  # a [rows] and a [dim] vector
+            return (self.shape[0] + self.shape[1]) * itemsize
+        return int(np.prod(self.shape)) * itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +103,10 @@ class VariablePlan:
 
     @property
     def sketched(self):
-        """Whether some state is compressed (a sketch narrower than the rows)."""
-        return self.hashed and self.width < self.layout.rows
+        """Whether some state is compressed (a sketch narrower than the rows,
+        or a factored slot)."""
+        factored = any(s.kind == FACTORED for s in self.slots)
+        return factored or (self.hashed and self.width < self.layout.rows)
 
     @property
     def hashed_axis(self):
@@ -90,6 +122,10 @@ class VariablePlan:
         return "densified (the sketch hashes the last axis)"
 
     @property
+    def compressed_kinds(self):
+        return sorted({s.kind for s in self.slots if s.kind != EXACT})
+
+    @property
     def path(self):
         """One line for reports: the step's path and, when TF, why."""
         if self.fused:
@@ -97,18 +133,22 @@ class VariablePlan:
         return f"TF ({self.fused_reason})" if self.fused_reason else "TF"
 
     def state_bytes(self, itemsize):
-        total = sum(int(np.prod(s.shape)) for s in self.slots) * itemsize
+        total = sum(s.nbytes(itemsize) for s in self.slots)
         return total + (self.depth * HASH_PARAM_BYTES if self.hashed else 0)
 
 
-def _slot_plans(layout, kinds, sketched, depth, width, force_sketch=False):
+def _slot_plans(layout, kinds, sketched, depth, width, force_sketch=False, factor=False):
     """Slots of one variable: exact ``[rows, dim]``, or ``[depth, width, dim]``
     sketches for the slots the optimizer declares sketched (with
-    ``force_sketch``, every slot: signed ones in a count-sketch)."""
+    ``force_sketch``, every slot: signed ones in a count-sketch; with
+    ``factor``, non-negative slots in factored form instead of count-min)."""
     plans = []
     for name, (kind, initial) in kinds.items():
         if force_sketch and kind == EXACT:
             kind = COUNT_SKETCH
+        if factor and kind == COUNT_MIN:
+            plans.append(SlotPlan(name, FACTORED, float(initial), (layout.rows, layout.dim)))
+            continue
         if sketched and kind != EXACT:
             plans.append(SlotPlan(name, kind, float(initial), (depth, width, layout.dim)))
         else:
@@ -136,14 +176,20 @@ def rule_plan(shape, kinds, depth, compression, width, min_rows, hash_axis):
     return VariablePlan(hashed, _slot_plans(hashed, kinds, True, depth, w), depth=depth, width=w)
 
 
-def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, depth):
+def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, depth, estimator="auto"):
     """Plans for all variables under ``state_budget=budget`` (module doc).
 
     ``shapes``/``itemsizes`` list the model variables; ``kinds`` is the
     optimizer's ``{slot: (kind, initial)}``; ``droppable`` the slot names the
-    optimizer can run without.  Returns the plans; raises ``ValueError`` when
-    the budget cannot be met.
+    optimizer can run without; ``estimator`` the 2nd-moment form of
+    compressed matrices: ``"auto"`` (rules 3 and 4), or, for studies
+    (benchmarks/budget_study.py), ``"count_min"`` or ``"factored"``
+    everywhere, or ``"mixed"`` (count-min only for the matrices with the
+    largest factored forms, as few as needed).  Returns the
+    plans; raises ``ValueError`` when the budget cannot be met.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
     exact_bytes = sum(exact_slot_count * _numel(s) * i for s, i in zip(shapes, itemsizes))
     allowed = budget * exact_bytes
     if budget >= 1.0 or not kinds:  # lossless, or no state at all (SGD without momentum)
@@ -157,24 +203,52 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
         return plans
 
     matrices = [i for i, s in enumerate(shapes) if len(s) >= 2]
-    fixed = sum(plans[i].state_bytes(itemsizes[i]) for i in range(len(shapes)) if i not in matrices)
 
-    def plans_at(compression):
+    def factored_plan(i):
+        """Non-negative slots factored (signed ones still sketched), or None
+        where that is not smaller than exact (a ``[rows, 1]`` matrix)."""
+        if _numel(shapes[i]) == Layout(shapes[i]).rows:
+            return None
+        if all(kind == COUNT_MIN for kind, _ in kept.values()):  # nothing hashed
+            flat = Layout(shapes[i])
+            return VariablePlan(flat, _slot_plans(flat, kept, False, 1, 0, factor=True), dropped=dropped)
+        return "with sketches"
+
+    def plans_at(compression, factored):
+        """Plans at one common compression; matrices in ``factored`` factored."""
         out = list(plans)
         for i in matrices:
-            hashed = Layout(shapes[i], transpose=_longer_is_last(shapes[i]))
-            w = min(max(1, int(compression * hashed.rows / depth)), hashed.rows)
-            if depth * w >= hashed.rows or w >= hashed.rows:
-                out[i] = plans[i]  # a sketch this wide costs more than the exact slot
-                continue
-            slots = _slot_plans(hashed, kept, True, depth, w, force_sketch=True)
-            out[i] = VariablePlan(hashed, slots, depth=depth, width=w, dropped=dropped)
+            exact = plans[i].state_bytes(itemsizes[i])
+            layout = Layout(shapes[i], transpose=_longer_is_last(shapes[i]))
+            w = min(max(1, int(compression * layout.rows / depth)), layout.rows)
+            candidate = factored_plan(i) if i in factored else None
+            if candidate == "with sketches":
+                slots = _slot_plans(layout, kept, True, depth, w, force_sketch=True, factor=True)
+                candidate = VariablePlan(layout, slots, depth=depth, width=w, dropped=dropped)
+            if candidate is None or candidate.state_bytes(itemsizes[i]) >= exact:
+                slots = _slot_plans(layout, kept, True, depth, w, force_sketch=True)
+                candidate = VariablePlan(layout, slots, depth=depth, width=w, dropped=dropped)
+            if candidate.state_bytes(itemsizes[i]) < exact:
+                out[i] = candidate  # else it costs more than the exact slot
         return out
 
     def cost(candidate):
         return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
 
-    smallest = plans_at(0.0)
+    # Which matrices keep their non-negative slots factored (rules 3 and 4).
+    if estimator == COUNT_MIN:
+        factor = frozenset()
+    elif estimator == FACTORED:
+        factor = frozenset(matrices)
+    elif estimator == "auto":  # rules 3 and 4
+        factor = frozenset(matrices) if cost(plans_at(0.0, frozenset(matrices))) <= allowed else frozenset()
+    else:  # mixed: count-min for as few of the matrices with the largest factored forms as needed
+        by_size = sorted(matrices, key=lambda i: -(Layout(shapes[i]).rows + Layout(shapes[i]).dim))
+        for k in range(len(by_size) + 1):
+            factor = frozenset(by_size[k:])
+            if cost(plans_at(0.0, factor)) <= allowed:
+                break
+    smallest = plans_at(0.0, factor)
     if cost(smallest) > allowed:
         feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
         raise ValueError(
@@ -183,14 +257,16 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
             f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
             f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
         )
+    if not any(p.hashed for p in smallest):
+        return smallest  # nothing is hashed: no width to choose
     low, high = 0.0, 1.0
     for _ in range(60):  # the largest common compression that fits
         mid = 0.5 * (low + high)
-        if cost(plans_at(mid)) <= allowed:
+        if cost(plans_at(mid, factor)) <= allowed:
             low = mid
         else:
             high = mid
-    return plans_at(low)
+    return plans_at(low, factor)
 
 
 def _numel(shape):

@@ -25,6 +25,7 @@ which Lion's step needs).  docs/extending.md shows how an optimizer uses them.
 import numpy as np
 import tensorflow as tf
 
+from keras_sketch.factored import FACTORED
 from keras_sketch.sketch import EXACT
 from keras_sketch.tf_internals import in_xla_context, tf_variable
 
@@ -141,6 +142,8 @@ def accumulate(slot, x, decay, scale, rows=None):
     for ``rows.ids``.  The estimate is queried after the update, as in the
     paper's algorithms.
     """
+    if slot.kind == FACTORED:  # not linear: the factored state updates itself
+        return slot.accumulate(x, decay, scale, rows)
     if rows is None:
         slot.decay_add_all(decay, scale * x)
         return slot.query_all()

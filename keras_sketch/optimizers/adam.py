@@ -75,6 +75,12 @@ class CSAdam(SketchOptimizer):
     def _fused_unsupported(self):
         return "amsgrad" if self.amsgrad else None
 
+    def _budget_estimator(self):
+        # AMSGrad's bucket-wise maximum keeps count-min's upper bound; the
+        # rank-1 factored form has no such maximum, so under a budget its
+        # slots stay count-min sketches (or exact).
+        return COUNT_MIN if self.amsgrad else "auto"
+
     # state_budget may run Adam without its 1st moment (then m = g, beta_1 = 0).
     _droppable_slots = ("m",)
 

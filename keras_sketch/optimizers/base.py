@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from keras_sketch import fused as fused_op
 from keras_sketch import guard, memory, plan
+from keras_sketch.factored import FACTORED, FactoredState
 from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.optimizers import describe, state_spec
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
@@ -341,13 +342,21 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             [tuple(v.shape) for v in var_list],
             [memory.itemsize(v.dtype) for v in var_list],
             kinds, self._droppable_slots, self._exact_slot_count, self.state_budget, self.depth,
+            estimator=self._budget_estimator(),
         )
+
+    def _budget_estimator(self):
+        """The 2nd-moment form ``state_budget``'s planner may use
+        (``plan.ESTIMATORS``); ``"auto"``: its rules choose."""
+        return "auto"
 
     def _path(self, var_plan, var):
         """``(fused, reason)``: whether the fused op can run this variable's step."""
         option = self._fused_unsupported()
         if option:
             return False, f"{option}: the fused op has no kernel for it"
+        if FACTORED in var_plan.compressed_kinds:
+            return False, "factored state (the fused op has no kernel for it)"
         return fused_op.fused_reason(self, var_plan.layout, var)
 
     def _fused_unsupported(self):
@@ -367,7 +376,11 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         slots = {}
         for slot in var_plan.slots:
             init = _filled(slot.initial)
-            if slot.sketched:
+            if slot.kind == FACTORED:
+                row = self._add_state_variable(var, f"{slot.name}_row", slot.shape[:1], init)
+                col = self._add_state_variable(var, f"{slot.name}_col", slot.shape[1:], init)
+                slots[slot.name] = FactoredState(row, col)
+            elif slot.sketched:
                 table = self._add_state_variable(var, f"{slot.name}_sketch", slot.shape, init)
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
             else:
