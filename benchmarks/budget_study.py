@@ -8,7 +8,7 @@ every optimizer variable but the step counter and learning rate).
 
 Tasks (train split -> evaluation split):
 
-* ``lstm``: the WikiText-2 word LSTM LM of examples/lm_data.py; trains on the
+* ``lstm``: the WikiText-2 word LSTM LM of keras_sketch_harness/lm.py; trains on the
   WikiText-2 *validation* split, evaluates perplexity on the *test* split
   (the training split is not on disk).
 * ``transformer``: a 2-layer pre-LN Transformer LM (keras.layers.
@@ -49,9 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 OUT = common.RESULTS_DIR / "budget_study.json"
 PLOT = common.RESULTS_DIR / "plots" / "budget_study.png"
@@ -166,7 +164,7 @@ def load_task(task, s, seed):
     import numpy as np
 
     if task in ("lstm", "transformer"):
-        from lm_data import build_lm, lm_loss
+        from common import build_lm, lm_loss
 
         seq = s["bptt"] if task == "lstm" else s["seq"]
         data = _lm_data(s, seq)

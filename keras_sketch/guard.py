@@ -45,8 +45,9 @@ def check_gradients(grads, variables):
             continue
         name = variable_path(var)
         values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
-        if not (values.dtype.is_floating or values.dtype.is_complex):
-            raise TypeError(f"The gradient of {name!r} has dtype {values.dtype.name}; a floating dtype is required.")
+        dtype = tf.as_dtype(values.dtype)  # also a NumPy array's dtype
+        if not (dtype.is_floating or dtype.is_complex):
+            raise TypeError(f"The gradient of {name!r} has dtype {dtype.name}; a floating dtype is required.")
         var_shape = tuple(var.shape)
         if isinstance(grad, tf.IndexedSlices):
             expected = var_shape[1:]

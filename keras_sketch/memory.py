@@ -21,7 +21,7 @@ def variable_row(var, var_plan, slots, params, exact_slot_count):
     ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
     return state_row(
         var,
-        {name: (slot.kind, getattr(slot, "variables", (slot.table,))) for name, slot in slots.items()},
+        {name: (slot.kind, slot.variables if hasattr(slot, "variables") else slot.table) for name, slot in slots.items()},
         "sketched" if var_plan.sketched else "exact",
         exact_slot_count,
         extra_bytes=0 if params is None else _nbytes(params.shape, "int64"),

@@ -266,6 +266,21 @@ def test_default_names_are_unique_like_keras():
     assert adam.name.startswith("adam")
 
 
+def test_private_subclass_gets_a_valid_default_name():
+    """A subclass whose name starts with ``_`` still gets a name Keras accepts
+    as a scope (a leading underscore is not one), and it trains."""
+
+    class _Private(ks.CSAdam):
+        pass
+
+    keras.backend.clear_session()
+    opt = _Private(learning_rate=0.1)
+    assert opt.name == "private"
+    var = keras.Variable(np.ones((3, 2), "float32"))
+    opt.apply([tf.ones((3, 2))], [var])
+    assert np.all(var.numpy() < 1.0)
+
+
 def test_get_and_deserialize_by_keras_name():
     opt = keras.optimizers.get({"class_name": "keras_sketch>CSAdam", "config": {"amsgrad": True}})
     assert isinstance(opt, ks.CSAdam) and opt.amsgrad

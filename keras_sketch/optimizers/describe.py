@@ -104,7 +104,10 @@ def describe(cls):
 
 def unique_name(prefix):
     """``prefix``, then ``prefix_1``, ``prefix_2``, ...: Keras's naming of
-    optimizers (its ``auto_name`` counts in the same table)."""
+    optimizers (its ``auto_name`` counts in the same table).  Leading
+    characters a Keras name scope may not start with (``_``) are dropped:
+    a subclass ``_Forced`` is named ``forced``."""
+    prefix = prefix.lstrip("_-/>") or "optimizer"
     uid = keras.backend.get_uid(prefix)
     return prefix if uid == 1 else f"{prefix}_{uid - 1}"
 
