@@ -233,13 +233,12 @@ def test_two_percent_budget_trains_close_to_adam():
     assert np.isfinite(ours) and ours < 1.1 * adam, (ours, adam)
 
 
-def test_budget_study_quick_is_resumable(tmp_path):
+def test_budget_study_quick_is_resumable(tmp_path, monkeypatch):
     """benchmarks/budget_study.py runs a task at tiny size, caches every run,
     and a second invocation reuses them instead of training again."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import budget_study
 
     out = str(tmp_path / "study.json")
