@@ -249,3 +249,20 @@ def test_budget_study_quick_is_resumable(tmp_path, monkeypatch):
     assert runs["cm_0.02"]["0.003"]["state_bytes"] <= 0.02 * runs["adam"]["0.003"]["state_bytes"]
     second = budget_study.main(args)
     assert second["tasks"]["cnn"]["runs"] == runs  # nothing trained again
+
+
+def test_amsgrad_under_a_budget_keeps_count_min_and_trains():
+    """The factored form has no bucket-wise running maximum, so AMSGrad's v
+    and vhat stay count-min sketches under a budget (and the step runs)."""
+    model = models()["mlp"]
+    opt = keras_sketch.CSAdam(learning_rate=0.01, amsgrad=True, state_budget=0.1)
+    opt.build(model.trainable_variables)
+    report = opt.memory_report()
+    assert report.ratio <= 0.1
+    kernel = report.rows[0]["states"]
+    assert kernel["v"][0] == kernel["vhat"][0] == "count_min", kernel
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    grads = [tf.ones_like(v) for v in model.trainable_variables]
+    opt.apply(grads, model.trainable_variables)
+    assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
+    assert not np.allclose(before[0], model.trainable_variables[0].numpy())
