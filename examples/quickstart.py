@@ -7,12 +7,12 @@ three times, from the same seed, and compares the optimizers:
 * ``keras_sketch.CSAdam()``: the default, which sketches only the embedding's
   2nd moment (lr 0.032),
 * ``keras_sketch.CSAdam(state_budget=0.02)``: the compact configuration, at
-  most 2% of Adam's optimizer state (lr 0.032).
+  most 2% of Adam's optimizer state (lr 0.008).
 
 Learning rates: benchmarks/defaults_study.py found 0.016 best for Adam and
 0.032 for CSAdam() on this model and data; for the compact configuration a
-check with this script (lr 0.008 / 0.016 / 0.032 / 0.064, docs/examples.md)
-found 0.032 best.  WikiText-2's training split is not
+check with this script (lr 0.004 / 0.008 / 0.016 / 0.032, docs/examples.md)
+found 0.008 best.  WikiText-2's training split is not
 on disk, so it trains on the validation split and evaluates perplexity on
 the test split.  Prints a table (state bytes and test perplexity, each as a
 ratio to Adam, time per step), the compact configuration's memory report, and
@@ -41,7 +41,7 @@ def parse(argv):
     p.add_argument("--budget", type=float, default=0.02, help="state_budget of the compact configuration")
     p.add_argument("--lr-adam", type=float, default=0.016)
     p.add_argument("--lr-csadam", type=float, default=0.032)
-    p.add_argument("--lr-compact", type=float, default=0.032)
+    p.add_argument("--lr-compact", type=float, default=0.008)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--vocab", type=int, default=10000, help="most frequent words kept; others are <unk>")
     p.add_argument("--embed", type=int, default=128)
