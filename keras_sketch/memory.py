@@ -3,8 +3,12 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.sketch import EXACT
+from keras_sketch.factored import FACTORED
+from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT
 from keras_sketch.tf_internals import variable_path
+
+# How the report's state column names a compressed slot's kind.
+_SHORT = {COUNT_SKETCH: "csketch", COUNT_MIN: "cmin", FACTORED: "fact"}
 
 
 def _nbytes(shape, dtype):
@@ -98,8 +102,8 @@ class MemoryReport:
         lines = [header, "-" * len(header)]
         for r in self.rows:
             states = ", ".join(
-                f"{name}:{('+' if kind == 'factored' else 'x').join(map(str, shape))}"
-                + ("" if kind == EXACT else f"({kind.replace('count_', 'c')[:4]})")
+                f"{name}:{('+' if kind == FACTORED else 'x').join(map(str, shape))}"
+                + ("" if kind == EXACT else f"({_SHORT.get(kind, kind)})")
                 for name, (kind, shape) in r["states"].items()
             )
             if r.get("dropped"):
