@@ -374,3 +374,51 @@ def test_soak_random_bad_steps(use_fused):
         for a, b in zip(*results):
             assert np.all(np.isfinite(a)), name
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+XLA_SOAK_STEPS = 60
+
+
+SM3_XLA_SOAK = pytest.mark.xfail(
+    strict=True,
+    reason="found here, not fixed yet: SM3 under XLA ends 1e-4 (relative) away from the run without the "
+    "bad rows on 9 of 2400 weights (each bad kind alone gives identical runs)",
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=SM3_XLA_SOAK) if n == "sm3" else n for n in factories(False)]
+)
+def test_soak_random_bad_steps_under_xla(name):
+    """The soak above inside ``jit_compile=True`` (XLA: no custom op, no
+    run-time assertions), with fixed batch shapes to bound recompilation:
+    NaN/Inf rows and out-of-range ids are left out of the step, so every state
+    stays finite and equals a run whose batches never had those rows."""
+    rng = np.random.default_rng(6)
+    plan = []
+    for _ in range(XLA_SOAK_STEPS):
+        kind = str(rng.choice(["sparse", "dense", "nan", "inf", "range"], p=[0.5, 0.2, 0.1, 0.1, 0.1]))
+        plan.append((kind, clean_batch(rng, 16), rng.normal(size=(ROWS, DIM)).astype("float32")))
+    make = factories(False)[name]
+    results = []
+    for clean in (False, True):
+        variables = make_vars()
+        opt = make()
+        step = applier(opt, variables, True)
+        for kind, (ids, values), dense in plan:
+            ids, values = ids.copy(), values.copy()
+            if kind == "dense":
+                step([tf.constant(dense), tf.ones([DIM])])
+                continue
+            if kind != "sparse":
+                if clean:  # the row the bad run's step must leave out
+                    ids, values = ids[1:], values[1:]
+                elif kind == "range":
+                    ids[0] = ROWS + int(rng.integers(0, 2**40))
+                else:
+                    values[0, int(rng.integers(0, DIM))] = np.nan if kind == "nan" else -np.inf
+            step([sparse(ids, values), tf.ones([DIM])])
+        results.append(state_arrays(opt, variables))
+    for a, b in zip(*results):
+        assert np.all(np.isfinite(a)), name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
