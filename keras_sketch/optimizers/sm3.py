@@ -27,7 +27,7 @@ from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.optimizers.base import CompressedStateMixin, check_beta, check_number
 from keras_sketch.sketch import EXACT
 from keras_sketch.state import merge_duplicates
-from keras_sketch.tf_internals import tf_variable
+from keras_sketch.tf_internals import in_xla_context, tf_variable
 
 VARIANTS = ("I", "II")
 COVER = "sm3_cover"  # the memory report's kind of a per-axis accumulator
@@ -117,7 +117,12 @@ class SM3(CompressedStateMixin, keras.optimizers.Optimizer):
         if isinstance(gradient, tf.IndexedSlices):
             warn_if_read_whole(self, variable)
             g = _zero_nonfinite_slices(variable, tf.cast(gradient.values, dtype))
-            ids, g, valid = merge_duplicates(gradient.indices, g)
+            ids = tf.cast(gradient.indices, tf.int64)
+            if in_xla_context():  # no run-time assertions: out-of-range ids become zero rows
+                fits = guard.in_range(ids, int(variable.shape[0]))
+                ids = tf.where(fits, ids, tf.zeros_like(ids))
+                g = g * tf.reshape(tf.cast(fits, dtype), [-1] + [1] * (len(g.shape) - 1))
+            ids, g, valid = merge_duplicates(ids, g)
             nu = sparse_accumulate(covers, ids, g * g, *self._decay_scale(), self.variant)
             rows = ids
         else:
