@@ -162,3 +162,16 @@ class RefOptimizer:
         else:
             self.x[ids] -= update
         return self.x
+
+
+def all_rows_in_parts(rng, g):
+    """A sparse form ``(ids, values)`` of the dense gradient ``g [rows, dim]``
+    that touches every row: rows in shuffled order, every 7th row split in two
+    parts (0.75 and 0.25 of it), so the merged sparse gradient equals ``g``."""
+    rows = g.shape[0]
+    perm, split = rng.permutation(rows), np.arange(0, rows, 7)
+    ids = np.concatenate([perm, split])
+    parts = g[ids].copy()
+    parts[rows:] *= 0.25
+    parts[np.argsort(perm)[split]] *= 0.75
+    return ids, parts

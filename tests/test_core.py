@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import keras_sketch as ks
 from keras_sketch import sketch as sk
-from tests.reference import NpSketch, RefOptimizer
+from tests.reference import NpSketch, RefOptimizer, all_rows_in_parts
 
 ROWS, DIM = 300, 5
 
@@ -205,14 +205,7 @@ def test_lossless_configuration_reproduces_keras(name, path, fused):
     for _ in range(20):
         g = rng.normal(size=(ROWS, DIM)).astype(np.float32)
         if path == "sparse":
-            # Every row touched, in shuffled order, some rows split in two
-            # parts: the merged sparse gradient equals the dense one.
-            perm, split = rng.permutation(ROWS), np.arange(0, ROWS, 7)
-            ids = np.concatenate([perm, split])
-            parts = g[ids].copy()
-            parts[ROWS:] *= 0.25
-            position_in_perm = np.argsort(perm)
-            parts[position_in_perm[split]] *= 0.75
+            ids, parts = all_rows_in_parts(rng, g)  # the merged sparse gradient equals g
             ours.apply([sparse(ids, parts)], [ours_var])
         else:
             ours.apply([tf.constant(g)], [ours_var])

@@ -12,7 +12,7 @@ from keras_sketch import fused
 from keras_sketch.memory import keras_state_bytes
 from keras_sketch.sketch import COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState
-from tests.reference import RefOptimizer
+from tests.reference import RefOptimizer, all_rows_in_parts
 from tests.test_keras_conformance import OPTIONS, _gradients, _run
 
 ROWS, DIM = 300, 5
@@ -41,12 +41,7 @@ def test_lossless_configuration_equals_keras_lion_for_20_steps(path, use_fused):
     for _ in range(20):
         g = rng.normal(size=(ROWS, DIM)).astype(np.float32)
         if path == "sparse":
-            # every row touched, shuffled, some rows split in two parts
-            perm, split = rng.permutation(ROWS), np.arange(0, ROWS, 7)
-            ids = np.concatenate([perm, split])
-            parts = g[ids].copy()
-            parts[ROWS:] *= 0.25
-            parts[np.argsort(perm)[split]] *= 0.75
+            ids, parts = all_rows_in_parts(rng, g)  # the merged sparse gradient equals g
             ours.apply([sparse(ids, parts)], [ours_var])
         else:
             ours.apply([tf.constant(g)], [ours_var])
