@@ -225,6 +225,44 @@ def test_state_saved_with_other_sketch_settings_is_refused(tmp_path):
         np.testing.assert_array_equal(v.numpy(), b)
 
 
+def test_state_of_another_optimizer_with_the_same_shapes_is_refused(tmp_path):
+    # CSLion's m and CSMomentum's momentum have one shape and different meanings.
+    model = lm(vocab=200)
+    model.compile(ks.CSLion(min_rows=10), "mse")
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(str(tmp_path / "lion.weights.h5"))
+    ckpt = tf.train.Checkpoint(optimizer=model.optimizer).save(str(tmp_path / "ckpt"))
+    other = lm(vocab=200)
+    other.compile(ks.CSMomentum(min_rows=10), "mse")
+    other.optimizer.build(other.trainable_variables)
+    ours = [(tuple(v.shape), v.dtype) for v in other.optimizer.variables]
+    assert ours == [(tuple(v.shape), v.dtype) for v in model.optimizer.variables]  # only the kind differs
+    before = [v.numpy().copy() for v in other.optimizer.variables]
+    message = "saved the state of CSLion, this optimizer is CSMomentum"
+    with pytest.raises(ValueError, match=message):
+        other.load_weights(str(tmp_path / "lion.weights.h5"))
+    with pytest.raises(ValueError, match=message):
+        tf.train.Checkpoint(optimizer=other.optimizer).restore(ckpt)
+    for v, b in zip(other.optimizer.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_a_subclass_loads_the_state_of_its_keras_sketch_class(tmp_path):
+    class MyLion(ks.CSLion):
+        pass
+
+    model = lm(vocab=200)
+    model.compile(ks.CSLion(min_rows=10), "mse")
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(str(tmp_path / "lion.weights.h5"))
+    other = lm(vocab=200)
+    other.compile(MyLion(min_rows=10), "mse")
+    other.optimizer.build(other.trainable_variables)
+    other.load_weights(str(tmp_path / "lion.weights.h5"))
+    for v, b in zip(other.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(v.numpy(), b.numpy())
+
+
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [

@@ -17,10 +17,14 @@ settings and the shape of every state variable) next to its variables:
   ``PythonState`` dependency of the optimizer, which TensorFlow restores before
   any variable, so the check runs first.
 
-Loading succeeds whenever every state variable has the saved shape and dtype
-(settings that change nothing, e.g. the seed, whose hash parameters are part
-of the restored state, are allowed to differ); otherwise a ``ValueError``
-names the settings that differ.
+Loading succeeds whenever the state was saved by the same keras_sketch
+optimizer (its ``kind``: the nearest keras_sketch class, so a user's subclass
+of ``CSAdam`` loads ``CSAdam`` state) and every state variable has the saved
+shape and dtype (settings that change nothing, e.g. the seed, whose hash
+parameters are part of the restored state, are allowed to differ); otherwise
+a ``ValueError`` names what differs.  The kind matters even when the shapes
+agree: CSLion's ``m`` and CSMomentum's ``momentum`` have one shape and
+different meanings.
 """
 
 import json
@@ -46,6 +50,15 @@ _LAYOUT_FREE = {
 }
 
 
+def kind(optimizer):
+    """The nearest keras_sketch class of ``optimizer`` (its own class unless it
+    is a user's subclass): the maths its state belongs to."""
+    for cls in type(optimizer).__mro__:
+        if cls.__module__.split(".")[0] == "keras_sketch":
+            return cls.__name__
+    return type(optimizer).__name__
+
+
 def state_spec(optimizer):
     """JSON-able description of ``optimizer``'s state layout."""
     settings = {}
@@ -65,6 +78,7 @@ def state_spec(optimizer):
     )
     return {
         "class": type(optimizer).__name__,
+        "kind": kind(optimizer),
         "settings": settings,
         "model_variables": [
             [variable_path(v), [int(s) for s in v.shape]] for v in getattr(optimizer, "_trainable_variables", [])
@@ -76,10 +90,14 @@ def state_spec(optimizer):
 def mismatch(name, saved, ours):
     """``None`` if state ``saved`` loads into ``ours``, else the error text."""
     layout = lambda spec: [(tuple(s[1]), s[2]) for s in spec["state"]]  # noqa: E731
-    if layout(saved) == layout(ours):
+    # Files saved before the kind was recorded are checked by layout alone.
+    same_kind = saved.get("kind", ours["kind"]) == ours["kind"]
+    if same_kind and layout(saved) == layout(ours):
         return None
     reasons = []
-    if saved.get("class") != ours["class"]:
+    if not same_kind:
+        reasons.append(f"optimizer: saved the state of {saved['kind']}, this optimizer is {ours['kind']}")
+    elif saved.get("class") != ours["class"]:
         reasons.append(f"class: saved {saved.get('class')}, this optimizer {ours['class']}")
     s_set, o_set = saved.get("settings", {}), ours["settings"]
     for key in sorted(set(s_set) | set(o_set)):
@@ -92,12 +110,12 @@ def mismatch(name, saved, ours):
             f"model variables: saved {len(s_model)} with shapes {s_model}, this optimizer "
             f"{len(o_model)} with shapes {o_model}"
         )
-    detail = _first_difference(saved["state"], ours["state"])
+    detail = _first_difference(saved["state"], ours["state"]) if layout(saved) != layout(ours) else ""
     if not reasons:
         reasons.append("the sketched variables or their sketch shapes")
     return (
         f"Cannot load the state of optimizer {name!r}: it was saved with other settings "
-        f"({'; '.join(reasons)}). {detail} Sketch state cannot be resized or re-hashed: "
+        f"({'; '.join(reasons)}). {detail + ' ' if detail else ''}Sketch state cannot be resized or re-hashed: "
         "build the optimizer with the saved settings, or start its state afresh."
     )
 
