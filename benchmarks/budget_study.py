@@ -54,11 +54,11 @@ import common
 OUT = common.RESULTS_DIR / "budget_study.json"
 PLOT = common.RESULTS_DIR / "plots" / "budget_study.png"
 BUDGETS = (1.0, 0.1, 0.02, 0.005)
-ESTIMATORS = {"cm": "count_min", "fac": "factored", "mix": "mixed"}
+ESTIMATORS = {"cm": "count_min", "fac": "factored", "fs": "factored_sketch", "mix": "mixed"}
 
 # Priority order: the factored-vs-count-min decision first, then the rest.
-CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "mix_0.005", "cs_1.0", "cm_0.1", "fac_0.1",
-           "lion", "adafactor", "sm3", "mix_0.02", "mix_0.1"]
+CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "fs_0.005", "mix_0.005", "cs_1.0", "cm_0.1",
+           "fac_0.1", "lion", "adafactor", "sm3", "mix_0.02", "mix_0.1"]
 DESCRIPTIONS = {
     "adam": "Keras Adam",
     "adafactor": "Keras Adafactor",
@@ -69,6 +69,8 @@ DESCRIPTIONS = {
 for _b in BUDGETS[1:]:
     DESCRIPTIONS[f"cm_{_b}"] = f"CSAdam(state_budget={_b}), count-min 2nd moment"
     DESCRIPTIONS[f"fac_{_b}"] = f"CSAdam(state_budget={_b}), factored 2nd moment"
+    DESCRIPTIONS[f"fs_{_b}"] = (f"CSAdam(state_budget={_b}), factored 2nd moment, long vectors (row factors, "
+                                "biases) in count-min sketches")
     DESCRIPTIONS[f"mix_{_b}"] = (f"CSAdam(state_budget={_b}), per matrix the cheaper of factored and count-min "
                                  "at the common width")
 

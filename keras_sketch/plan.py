@@ -57,30 +57,34 @@ import math
 
 import numpy as np
 
-from keras_sketch.factored import FACTORED
+from keras_sketch.factored import FACTORED, FACTORED_SKETCH
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, sketch_width
 from keras_sketch.state import Layout
 
 HASH_PARAM_BYTES = 4 * 8  # one int64 (a, b, c, d) row per depth
 MIXED = "mixed"  # factored, count-min only for the largest factored forms when needed (rule 4's alternative)
-ESTIMATORS = ("auto", COUNT_MIN, FACTORED, MIXED)
+ESTIMATORS = ("auto", COUNT_MIN, FACTORED, FACTORED_SKETCH, MIXED)
 
 
 @dataclasses.dataclass(frozen=True)
 class SlotPlan:
     name: str
-    kind: str  # EXACT, COUNT_SKETCH or COUNT_MIN
+    kind: str  # EXACT, COUNT_SKETCH, COUNT_MIN, FACTORED or FACTORED_SKETCH
     initial: float
-    shape: tuple  # [rows, dim] exact, [depth, width, dim] sketched
+    # [rows, dim] exact and factored, [depth, width, dim] sketched; FACTORED_SKETCH:
+    # [depth, width, dim] (a [depth, width, 1] count-min table of R and a [dim] C)
+    shape: tuple
 
     @property
     def sketched(self):
-        """Whether the slot is a hashed ``[depth, width, dim]`` table."""
-        return self.kind in (COUNT_SKETCH, COUNT_MIN)
+        """Whether the slot holds a hashed table (with hash parameters)."""
+        return self.kind in (COUNT_SKETCH, COUNT_MIN, FACTORED_SKETCH)
 
     def nbytes(self, itemsize):
         if self.kind == FACTORED:  # a [rows] and a [dim] vector
             return (self.shape[0] + self.shape[1]) * itemsize
+        if self.kind == FACTORED_SKETCH:  # a [depth, width] table and a [dim] vector
+            return (self.shape[0] * self.shape[1] + self.shape[2]) * itemsize
         return int(np.prod(self.shape)) * itemsize
 
 
@@ -105,7 +109,7 @@ class VariablePlan:
     def sketched(self):
         """Whether some state is compressed (a sketch narrower than the rows,
         or a factored slot)."""
-        factored = any(s.kind == FACTORED for s in self.slots)
+        factored = any(s.kind in (FACTORED, FACTORED_SKETCH) for s in self.slots)
         return factored or (self.hashed and self.width < self.layout.rows)
 
     @property
@@ -235,13 +239,67 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     def cost(candidate):
         return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
 
-    # Which matrices keep their non-negative slots factored (rules 3 and 4).
+    signed = any(kind != COUNT_MIN for kind, _ in kept.values())
+
+    def sketched_factored(width):
+        """Rule 4's plans: factored matrices and vectors, every vector (a
+        vector variable, a ``[rows, 1]`` matrix or a matrix's long factor)
+        longer than ``width`` in a count-min sketch of ``width`` buckets."""
+        out = list(plans)
+        w = max(1, width // depth)
+        for i, shape in enumerate(shapes):
+            layout = Layout(shape, transpose=len(shape) >= 2 and _longer_is_last(shape))
+            if layout.rows <= width or _numel(shape) == 1:
+                if len(shape) >= 2 and _numel(shape) > layout.rows:
+                    out[i] = factored_plan(i)  # rule 3's form: R and C exact
+                continue
+            if _numel(shape) == layout.rows:  # a vector: count-min [depth, w, 1]
+                slots = _slot_plans(layout, kept, True, depth, w)
+            else:  # the long factor in count-min, the short one exact
+                slots = tuple(SlotPlan(n, FACTORED_SKETCH, float(init), (depth, w, layout.dim))
+                              for n, (_, init) in kept.items())
+            out[i] = VariablePlan(layout, slots, depth=depth, width=w, dropped=dropped)
+        return out
+
+    def infeasible(smallest):
+        fraction = cost(smallest) / exact_bytes
+        scale = 10.0 ** (3 - math.floor(math.log10(fraction)))  # rounded up to 4 significant digits
+        feasible = float(f"{math.ceil(fraction * scale) / scale:.4g}")
+        return ValueError(
+            f"`state_budget={budget}` cannot be met: even one-bucket sketches and exact state for the rest "
+            f"take {cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
+            f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
+        )
+
+    def fitted_sketched_factored():
+        """Rule 4 at the largest common width that fits."""
+        low, high = 1, max(Layout(s, transpose=len(s) >= 2 and _longer_is_last(s)).rows for s in shapes)
+        while low < high:  # the largest width whose plans fit (cost grows with the width)
+            mid = (low + high + 1) // 2
+            if cost(sketched_factored(mid)) <= allowed:
+                low = mid
+            else:
+                high = mid - 1
+        return sketched_factored(low)
+
+    # Which matrices keep their non-negative slots factored (rules 3-5).
+    if estimator == FACTORED_SKETCH:
+        if signed:
+            raise ValueError(f"`estimator={FACTORED_SKETCH!r}` needs non-negative slots only.")
+        if cost(sketched_factored(1)) > allowed:
+            raise infeasible(sketched_factored(1))
+        return fitted_sketched_factored()
     if estimator == COUNT_MIN:
         factor = frozenset()
     elif estimator == FACTORED:
         factor = frozenset(matrices)
-    elif estimator == "auto":  # rules 3 and 4
-        factor = frozenset(matrices) if cost(plans_at(0.0, frozenset(matrices))) <= allowed else frozenset()
+    elif estimator == "auto":  # rules 3-5
+        if cost(plans_at(0.0, frozenset(matrices))) <= allowed:
+            factor = frozenset(matrices)  # rule 3
+        elif not signed and cost(sketched_factored(1)) <= allowed:
+            return fitted_sketched_factored()  # rule 4
+        else:
+            factor = frozenset()  # rule 5
     else:  # mixed: count-min for as few of the matrices with the largest factored forms as needed
         by_size = sorted(matrices, key=lambda i: -(Layout(shapes[i]).rows + Layout(shapes[i]).dim))
         for k in range(len(by_size) + 1):
@@ -250,13 +308,9 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
                 break
     smallest = plans_at(0.0, factor)
     if cost(smallest) > allowed:
-        feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
-        raise ValueError(
-            f"`state_budget={budget}` cannot be met: even one-bucket sketches of every matrix "
-            f"and exact state for the {len(shapes) - len(matrices)} scalars/vectors take "
-            f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
-            f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
-        )
+        if estimator == "auto" and not signed and cost(sketched_factored(1)) < cost(smallest):
+            smallest = sketched_factored(1)
+        raise infeasible(smallest)
     if not any(p.hashed for p in smallest):
         return smallest  # nothing is hashed: no width to choose
     low, high = 0.0, 1.0
