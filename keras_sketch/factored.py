@@ -20,13 +20,20 @@ touched row keeps the decay that Adam's bias correction assumes.
 **Sketched row factor** (``FACTORED_SKETCH``).  When even ``rows + dim``
 numbers per matrix do not fit (``state_budget=0.005`` on a vocabulary-5,000
 LM: the vocabulary-long factors of the embedding and the softmax kernel are
-most of the state), ``R`` itself is kept in a count-min sketch of the
-``[rows, 1]`` vector (``keras_sketch.sketch``): ``w`` buckets of one number
-each, where a count-min sketch of the whole matrix spends ``dim`` numbers per
-bucket -- ``dim`` times more buckets at equal memory.  ``C`` stays exact.  The
-queried ``R`` never underestimates the exact one (count-min), and the sketch
-is linear, so the update rule above is carried out exactly on it: decay the
-table, add the row means at their buckets.
+most of the state), ``R`` itself is hashed into ``w`` buckets of one number
+each (a depth-1 ``keras_sketch.sketch.Sketch`` of the ``[rows, 1]`` vector),
+where a count-min sketch of the whole matrix spends ``dim`` numbers per
+bucket: ``dim`` times more buckets at equal memory.  ``C`` stays exact.  The
+sketch is linear, so the update rule above is carried out exactly on the
+buckets (decay the table, add the row means at their buckets).  A row's
+``R`` is read as its bucket's value shared equally by the rows hashed there
+(``Sketch.query_shared``), not as the bucket's whole value (count-min's
+upper bound): at ``state_budget=0.005`` the shared read gave 0.69x / 0.88x /
+0.98x Adam's score on the LSTM LM / Transformer LM / recommender where the
+upper bound gave 0.74x / 0.93x / 1.06x (docs/state_budget.md) -- the upper
+bound damps the steps of every rare row that shares a bucket with a
+frequent one.  A vector (``[rows]``, ``[rows, 1]``) is the case ``dim = 1``
+(``C`` is one number, the estimate is ``R``).
 """
 
 import tensorflow as tf
@@ -89,8 +96,7 @@ class FactoredState:
     def read(self, rows=None):
         """The current estimate (all rows, or ``rows.ids``), without updating."""
         if self.sketch:
-            r = self.row.query_all() if rows is None else self.row.query(self.row.locate(rows.ids))
-            return self._estimate(r[:, 0])
+            return self._estimate(self.row.query_shared(None if rows is None else rows.ids)[:, 0])
         r = tf_variable(self.row)
         return self._estimate(tf.convert_to_tensor(r) if rows is None else r.sparse_read(rows.ids))
 

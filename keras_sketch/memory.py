@@ -8,7 +8,7 @@ from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT
 from keras_sketch.tf_internals import variable_path
 
 # How the report's state column names a compressed slot's kind.
-_SHORT = {COUNT_SKETCH: "csketch", COUNT_MIN: "cmin", FACTORED: "fact", FACTORED_SKETCH: "fact, cmin rows"}
+_SHORT = {COUNT_SKETCH: "csketch", COUNT_MIN: "cmin", FACTORED: "fact", FACTORED_SKETCH: "fact, hashed rows"}
 
 
 def _nbytes(shape, dtype):

@@ -242,23 +242,20 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     signed = any(kind != COUNT_MIN for kind, _ in kept.values())
 
     def sketched_factored(width):
-        """Rule 4's plans: factored matrices and vectors, every vector (a
-        vector variable, a ``[rows, 1]`` matrix or a matrix's long factor)
-        longer than ``width`` in a count-min sketch of ``width`` buckets."""
+        """Rule 4's plans: matrices factored, and every vector (a vector
+        variable, a ``[rows, 1]`` matrix or a matrix's long factor) longer
+        than ``width`` hashed into ``width`` buckets (``FACTORED_SKETCH``,
+        depth 1; a vector is its ``dim = 1`` case); the short factor exact."""
         out = list(plans)
-        w = max(1, width // depth)
         for i, shape in enumerate(shapes):
             layout = Layout(shape, transpose=len(shape) >= 2 and _longer_is_last(shape))
             if layout.rows <= width or _numel(shape) == 1:
                 if len(shape) >= 2 and _numel(shape) > layout.rows:
                     out[i] = factored_plan(i)  # rule 3's form: R and C exact
                 continue
-            if _numel(shape) == layout.rows:  # a vector: count-min [depth, w, 1]
-                slots = _slot_plans(layout, kept, True, depth, w)
-            else:  # the long factor in count-min, the short one exact
-                slots = tuple(SlotPlan(n, FACTORED_SKETCH, float(init), (depth, w, layout.dim))
-                              for n, (_, init) in kept.items())
-            out[i] = VariablePlan(layout, slots, depth=depth, width=w, dropped=dropped)
+            slots = tuple(SlotPlan(n, FACTORED_SKETCH, float(init), (1, width, layout.dim))
+                          for n, (_, init) in kept.items())
+            out[i] = VariablePlan(layout, slots, depth=1, width=width, dropped=dropped)
         return out
 
     def infeasible(smallest):
