@@ -380,7 +380,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 row = self._add_state_variable(var, f"{slot.name}_row", slot.shape[:1], init)
                 col = self._add_state_variable(var, f"{slot.name}_col", slot.shape[1:], init)
                 slots[slot.name] = FactoredState(row, col)
-            elif slot.kind == FACTORED_SKETCH:  # R in a count-min [depth, width, 1] table, C exact
+            elif slot.kind == FACTORED_SKETCH:  # R hashed into a [1, width, 1] table, C exact
                 depth, width, dim = slot.shape
                 table = self._add_state_variable(var, f"{slot.name}_row_sketch", (depth, width, 1), init)
                 col = self._add_state_variable(var, f"{slot.name}_col", (dim,), init)
