@@ -468,8 +468,12 @@ def plot(results, path=PLOT):
     tasks = [t for t in results.get("tasks", {}) if summary(t, results["tasks"][t])[1]]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(4, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         _, rows = summary(task, results["tasks"][task])
         higher = TASKS[base(task)][1]
         low, high = (0.9, 1.05) if higher else (0.6, 1.6)  # off-scale points are drawn at the edge
@@ -479,11 +483,11 @@ def plot(results, path=PLOT):
 
         for r in rows:
             kind = r["name"].split("_")[0]
-            marker = {"cm": "o", "fac": "s", "mix": "P", "cs": "D"}.get(kind, "^")
+            marker = {"cm": "o", "fac": "s", "fs": "*", "fsub": "X", "mix": "P", "cs": "D"}.get(kind, "^")
             off = clip(r["ratio"]) != r["ratio"]
             label = r["name"] + (f" ({r['ratio']:.3g}, off scale)" if off else "")
             ax.scatter(r["state_ratio"], clip(r["ratio"]), marker=marker, label=label)
-            if r["at_adam_ratio"] is not None and kind in ("cm", "fac", "mix"):
+            if r["at_adam_ratio"] is not None and kind in ("cm", "fac", "fs", "fsub", "mix"):
                 ax.scatter(r["state_ratio"], clip(r["at_adam_ratio"]), marker=marker, facecolors="none",
                            edgecolors="gray")
         ax.set_ylim(low - 0.02 * (high - low), high + 0.02 * (high - low))
