@@ -54,11 +54,13 @@ import common
 OUT = common.RESULTS_DIR / "budget_study.json"
 PLOT = common.RESULTS_DIR / "plots" / "budget_study.png"
 BUDGETS = (1.0, 0.1, 0.02, 0.005)
-ESTIMATORS = {"cm": "count_min", "fac": "factored", "mix": "mixed"}
+ESTIMATORS = {"cm": "count_min", "fac": "factored", "fs": "factored_sketch", "mix": "mixed"}
 
 # Priority order: the factored-vs-count-min decision first, then the rest.
-CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "mix_0.005", "cs_1.0", "cm_0.1", "fac_0.1",
-           "lion", "adafactor", "sm3", "mix_0.02", "mix_0.1"]
+CONFIGS = ["adam", "cm_0.02", "fac_0.02", "cm_0.005", "fac_0.005", "fs_0.005", "fsub_0.005", "mix_0.005", "cs_1.0",
+           "cm_0.1", "fac_0.1", "lion", "adafactor", "sm3", "mix_0.02", "mix_0.1"]
+# Configurations kept in the results but no longer in the code: the commit that ran them.
+RECORD_ONLY = {"fsub_0.005": "bbfe100"}
 DESCRIPTIONS = {
     "adam": "Keras Adam",
     "adafactor": "Keras Adafactor",
@@ -69,8 +71,12 @@ DESCRIPTIONS = {
 for _b in BUDGETS[1:]:
     DESCRIPTIONS[f"cm_{_b}"] = f"CSAdam(state_budget={_b}), count-min 2nd moment"
     DESCRIPTIONS[f"fac_{_b}"] = f"CSAdam(state_budget={_b}), factored 2nd moment"
+    DESCRIPTIONS[f"fs_{_b}"] = (f"CSAdam(state_budget={_b}), factored 2nd moment, long vectors (row factors, "
+                                "biases) hashed, read as the bucket's share")
     DESCRIPTIONS[f"mix_{_b}"] = (f"CSAdam(state_budget={_b}), per matrix the cheaper of factored and count-min "
                                  "at the common width")
+DESCRIPTIONS["fsub_0.005"] = ("CSAdam(state_budget=0.005), as `fs` but hashed row factors read as count-min upper "
+                              "bounds and vectors in count-min sketches (commit bbfe100)")
 
 TASKS = {
     # name: (metric, higher is better, learning-rate grid, default settings)
@@ -110,6 +116,8 @@ def make_optimizer(name, lr, clipnorm):
         return keras_sketch.SM3(lr, momentum=0.9, beta_2=0.999, epsilon=1e-8, **kw)
     if name == "cs_1.0":
         return keras_sketch.CSAdam(lr, state_budget=1.0, **kw)
+    if name in RECORD_ONLY:
+        raise SystemExit(f"{name} was measured at commit {RECORD_ONLY[name]}; its code is not in this version.")
     est, budget = name.split("_")
     estimator = ESTIMATORS[est]
 
@@ -288,7 +296,7 @@ def train(task, setup, s, name, lr, seed, evals, clipnorm):
         scores.append(evaluate(model))
         done += n
     seconds = time.perf_counter() - start
-    higher = TASKS[task][1]
+    higher = TASKS[base(task)][1]
     finite = [v for v in scores if math.isfinite(v)]
     best = (max(finite) if higher else min(finite)) if finite else float("nan" if higher else "inf")
     from keras_sketch.memory import keras_state_bytes
@@ -328,6 +336,12 @@ def store(path, task, key, value):
 
 
 # -- report ---------------------------------------------------------------------
+def base(task):
+    """The task of a results key: ``lstm`` for ``lstm`` and ``lstm seed 1``
+    (seeds other than 0 are stored under their own key)."""
+    return task.split(" seed ")[0]
+
+
 def _best(runs, higher):
     ok = {lr: r for lr, r in runs.items() if math.isfinite(r["score"])}
     if not ok:
@@ -337,7 +351,7 @@ def _best(runs, higher):
 
 def summary(task, t):
     """Rows ``(name, state bytes, state/Adam, best lr, score, ratio, score at Adam's lr, ratio)``."""
-    higher = TASKS[task][1]
+    higher = TASKS[base(task)][1]
     runs = t.get("runs", {})
     if "adam" not in runs or _best(runs["adam"], higher) is None:
         return None, []
@@ -375,7 +389,7 @@ def report(results):
         "",
     ]
     for task, t in results.get("tasks", {}).items():
-        metric, higher, _, _ = TASKS[task]
+        metric, higher, _, _ = TASKS[base(task)]
         adam_lr, rows = summary(task, t)
         if not rows:
             continue
@@ -408,14 +422,15 @@ def report(results):
 
 def shipped(task, t, budget):
     """The study row that is the shipped planner's plan at ``budget`` (rules 3-4:
-    factored if it fits, else count-min everywhere; a factored plan does not
-    depend on the budget, so a feasible ``fac_0.02`` is also the plan at 0.1)."""
+    factored if it fits, else factored with the long vectors hashed; a
+    factored plan does not depend on the budget, so a feasible ``fac_0.02``
+    is also the plan at 0.1)."""
     if budget == 1.0:
         return "cs_1.0"
     infeasible, runs = t.get("infeasible", {}), t.get("runs", {})
     fac = f"fac_{budget}"
     if fac in infeasible:
-        return f"cm_{budget}"
+        return f"fs_{budget}"
     if fac not in runs and "fac_0.02" in runs and budget > 0.02:
         return "fac_0.02"
     return fac
@@ -424,7 +439,9 @@ def shipped(task, t, budget):
 def shipped_table(results):
     lines = ["### The shipped planner (`CSAdam(state_budget=b)`), ratio against Keras Adam at Adam's lr", "",
              "Rows of the tables above that are the planner's plan at each budget "
-             "(rule 3: factored if every matrix's factored form fits, else rule 4: count-min everywhere).",
+             "(rule 3: factored if every matrix's factored form fits, else rule 4: factored with every long "
+             "vector hashed into one common number of buckets). Keys `<task> seed N` are the same task "
+             "with another seed (data draw, split and initialization).",
              "", "| task | " + " | ".join(f"b = {b}" for b in BUDGETS) + " |",
              "|---|" + "---:|" * len(BUDGETS)]
     for task, t in results.get("tasks", {}).items():
@@ -438,7 +455,7 @@ def shipped_table(results):
             else:
                 cells.append(f"{r['at_adam_ratio']:.3f} (`{r['name']}`, state {r['state_ratio']:.4f})")
         if rows:
-            lines.append(f"| {task} ({TASKS[task][0]}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {task} ({TASKS[base(task)][0]}) | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -451,10 +468,14 @@ def plot(results, path=PLOT):
     tasks = [t for t in results.get("tasks", {}) if summary(t, results["tasks"][t])[1]]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(4, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         _, rows = summary(task, results["tasks"][task])
-        higher = TASKS[task][1]
+        higher = TASKS[base(task)][1]
         low, high = (0.9, 1.05) if higher else (0.6, 1.6)  # off-scale points are drawn at the edge
 
         def clip(v):
@@ -462,18 +483,18 @@ def plot(results, path=PLOT):
 
         for r in rows:
             kind = r["name"].split("_")[0]
-            marker = {"cm": "o", "fac": "s", "mix": "P", "cs": "D"}.get(kind, "^")
+            marker = {"cm": "o", "fac": "s", "fs": "*", "fsub": "X", "mix": "P", "cs": "D"}.get(kind, "^")
             off = clip(r["ratio"]) != r["ratio"]
             label = r["name"] + (f" ({r['ratio']:.3g}, off scale)" if off else "")
             ax.scatter(r["state_ratio"], clip(r["ratio"]), marker=marker, label=label)
-            if r["at_adam_ratio"] is not None and kind in ("cm", "fac", "mix"):
+            if r["at_adam_ratio"] is not None and kind in ("cm", "fac", "fs", "fsub", "mix"):
                 ax.scatter(r["state_ratio"], clip(r["at_adam_ratio"]), marker=marker, facecolors="none",
                            edgecolors="gray")
         ax.set_ylim(low - 0.02 * (high - low), high + 0.02 * (high - low))
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("optimizer state / Adam's")
-        ax.set_ylabel(f"{TASKS[task][0]} / Adam's")
+        ax.set_ylabel(f"{TASKS[base(task)][0]} / Adam's")
         ax.set_title(task)
         ax.legend(fontsize=6)
     fig.suptitle("Quality vs optimizer state (filled: own best lr; hollow: Adam's lr)", fontsize=9)
@@ -512,29 +533,30 @@ def main(argv=None):
             pass
         common.quiet_tf()
         metric, higher, grid, settings = TASKS[a.task]
+        key = a.task if a.seed == 0 else f"{a.task} seed {a.seed}"  # where the runs are stored
         settings = dict(settings, **(QUICK[a.task] if a.quick else {}), seed=a.seed, evals=a.evals,
                         clipnorm=a.clipnorm)
         if a.steps:
             settings["steps"] = a.steps
         lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else list(grid)
         results = common.load_json(out, {})
-        t = results.get("tasks", {}).get(a.task, {})
+        t = results.get("tasks", {}).get(key, {})
         if t.get("settings") != settings:
             with _locked(out):
                 results = common.load_json(out, {})
-                results.setdefault("tasks", {})[a.task] = {"settings": settings, "runs": {}, "commands": []}
+                results.setdefault("tasks", {})[key] = {"settings": settings, "runs": {}, "commands": []}
                 common.save_json(out, results)
-            t = results["tasks"][a.task]
+            t = results["tasks"][key]
         command = "python benchmarks/budget_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if command not in t.get("commands", []):
-            store(out, a.task, ("commands",), t.get("commands", []) + [command])
+            store(out, key, ("commands",), t.get("commands", []) + [command])
         with _locked(out):
             results = common.load_json(out, {})
             results["machine"] = common.machine_info()
             common.save_json(out, results)
         print(common.machine_line(results["machine"]), flush=True)
         setup = load_task(a.task, settings, a.seed)
-        store(out, a.task, ("data",), setup[-1])
+        store(out, key, ("data",), setup[-1])
         print(setup[-1], flush=True)
         names = list(filter(None, a.configs.split(",")))
         for name in names:
@@ -546,13 +568,13 @@ def main(argv=None):
         queue += [None]  # placeholder: ordered once Adam's best lr is known
         for item in queue:
             if item is None:
-                done = common.load_json(out, {}).get("tasks", {}).get(a.task, {}).get("runs", {})
+                done = common.load_json(out, {}).get("tasks", {}).get(key, {}).get("runs", {})
                 best = _best(done.get("adam", {}), higher)
                 order = sorted(lrs, key=lambda lr: (repr(lr) != best, lrs.index(lr)))
                 queue += [(n, lr) for lr in order for n in names if n != "adam"]
                 continue
             name, lr = item
-            node = common.load_json(out, {}).get("tasks", {}).get(a.task, {})
+            node = common.load_json(out, {}).get("tasks", {}).get(key, {})
             done = node.get("runs", {})
             if repr(lr) in done.get(name, {}) or name in node.get("infeasible", {}):
                 continue
@@ -566,11 +588,11 @@ def main(argv=None):
                     r = train(a.task, setup, settings, name, lr, a.seed, a.evals, a.clipnorm)
                     r["signature"] = signature
             except ValueError as err:  # an infeasible budget for this model
-                print(f"{a.task} {name}: {err}", flush=True)
-                store(out, a.task, ("infeasible", name), str(err))
+                print(f"{key} {name}: {err}", flush=True)
+                store(out, key, ("infeasible", name), str(err))
                 continue
-            store(out, a.task, ("runs", name, repr(lr)), r)
-            print(f"{a.task:<11} {name:<10} lr {lr:<7g} {metric} {r['score']:.4g} (evals "
+            store(out, key, ("runs", name, repr(lr)), r)
+            print(f"{key:<11} {name:<10} lr {lr:<7g} {metric} {r['score']:.4g} (evals "
                   f"{', '.join(f'{v:.4g}' for v in r['scores'])})  state {r['state_bytes']:>11,} B  "
                   f"{r['seconds']:.0f}s", flush=True)
     results = common.load_json(out, {})

@@ -3,12 +3,12 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.factored import FACTORED
+from keras_sketch.factored import FACTORED, FACTORED_SKETCH
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT
 from keras_sketch.tf_internals import variable_path
 
 # How the report's state column names a compressed slot's kind.
-_SHORT = {COUNT_SKETCH: "csketch", COUNT_MIN: "cmin", FACTORED: "fact"}
+_SHORT = {COUNT_SKETCH: "csketch", COUNT_MIN: "cmin", FACTORED: "fact", FACTORED_SKETCH: "fact, hashed rows"}
 
 
 def _nbytes(shape, dtype):
@@ -41,7 +41,8 @@ def state_row(var, states, mode, exact_slot_count, extra_bytes=0, hashed_axis=No
     """One report row of any keras_sketch optimizer: ``states`` maps a slot
     name to ``(kind, state variable)`` or ``(kind, (variables...))`` (a
     factored slot's row and column vectors; the row shows their lengths
-    joined by ``+``); ``extra_bytes`` counts state that is no slot (hash
+    joined by ``+``, a sketched row factor as ``depth x width``);
+    ``extra_bytes`` counts state that is no slot (hash
     parameters); the exact optimizer keeps ``exact_slot_count`` variables of
     ``var``'s size."""
     states = {name: (kind, t if isinstance(t, tuple) else (t,)) for name, (kind, t) in states.items()}
@@ -102,8 +103,7 @@ class MemoryReport:
         lines = [header, "-" * len(header)]
         for r in self.rows:
             states = ", ".join(
-                f"{name}:{('+' if kind == FACTORED else 'x').join(map(str, shape))}"
-                + ("" if kind == EXACT else f"({_SHORT.get(kind, kind)})")
+                f"{name}:{_shape_text(kind, shape)}" + ("" if kind == EXACT else f"({_SHORT.get(kind, kind)})")
                 for name, (kind, shape) in r["states"].items()
             )
             if r.get("dropped"):
@@ -122,6 +122,14 @@ class MemoryReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _shape_text(kind, shape):
+    if kind == FACTORED:  # R [rows] + C [dim]
+        return "+".join(map(str, shape))
+    if kind == FACTORED_SKETCH:  # R's table [depth, width, 1] + C [dim]
+        return f"{shape[0]}x{shape[1]}+{shape[3]}"
+    return "x".join(map(str, shape))
 
 
 def keras_state_bytes(optimizer):

@@ -37,16 +37,36 @@ Two planners:
      CSRMSprop/CSMomentum) are count-sketches along the matrix's longer axis
      (``hash_axis="auto"``: the vocabulary of an embedding, the class axis
      of a softmax kernel) at one common compression, the largest that fits.
-  4. If the factored forms do not all fit, every matrix's non-negative
-     slots are count-min sketches along its longer axis instead, at the
-     largest common compression that fits.  (The alternative, count-min only
-     for the matrices with the largest factored forms and factored for the
-     rest, measured worse at ``state_budget=0.005`` on both LMs: 1.42x and
-     1.26x Adam's perplexity against 1.31x and 1.23x; ``estimator="mixed"``
-     keeps it for studies.)  ``[rows, 1]`` matrices are never factored
+  4. If the factored forms do not all fit, matrices stay factored and
+     every *long vector* -- a vector variable (a bias), a ``[rows, 1]``
+     matrix, or a matrix's long factor (the vocabulary-long row factor of an
+     embedding or of a softmax kernel, whose layout is then transposed) --
+     longer than a common width ``W`` is hashed into ``W`` buckets of one
+     number (``FACTORED_SKETCH``, keras_sketch/factored.py; a vector is its
+     ``dim = 1`` case), read as the bucket's value shared by the rows hashed
+     there; shorter vectors and the short factors stay exact.  ``W`` is the
+     largest that fits, so the budget is spent to within one bucket per
+     hashed vector.  At ``state_budget=0.005`` (where the factored forms need
+     0.0075-0.008 of Adam's state on the LMs, 0.015 on the recommender) it
+     gave 0.69x Adam's test perplexity on the WikiText-2 LSTM LM, 0.88x on
+     the Transformer LM and 0.98x RMSE on the Zipf recommender, at Adam's
+     learning rate, where count-min sketches of every matrix (this rule
+     before) gave 1.31x, 1.23x and 1.13x; reading the buckets as count-min
+     upper bounds instead of shares gave 0.74x, 0.93x and 1.06x (the upper
+     bound damps the steps of rare rows sharing a bucket with frequent
+     ones).  Optimizers with signed slots (momenta of CSRMSprop/CSMomentum)
+     skip this rule.  ``depth`` does not apply: the hashed vectors have
+     depth 1.
+  5. Else every matrix's non-negative slots are count-min sketches along its
+     longer axis, at the largest common compression that fits (signed slots
+     count-sketches).  (The alternative, count-min only for the matrices
+     with the largest factored forms and factored for the rest, measured
+     worse at ``state_budget=0.005`` on both LMs: 1.42x and 1.26x Adam's
+     perplexity against 1.31x and 1.23x; ``estimator="mixed"`` keeps it for
+     studies.)  ``[rows, 1]`` matrices are never factored under rule 3
      (that is not smaller than exact): count-min or exact.
-  5. A budget below what width-1 sketches need raises ``ValueError`` naming
-     the smallest feasible budget.
+  6. A budget below what the smallest of these plans needs (rule 4 or 5 at
+     one bucket) raises ``ValueError`` naming the smallest feasible budget.
 
 The factored state has no fused-op kernel: its variables step in pure
 TensorFlow (``memory_report()`` says so per variable).
@@ -57,30 +77,34 @@ import math
 
 import numpy as np
 
-from keras_sketch.factored import FACTORED
+from keras_sketch.factored import FACTORED, FACTORED_SKETCH
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, sketch_width
 from keras_sketch.state import Layout
 
 HASH_PARAM_BYTES = 4 * 8  # one int64 (a, b, c, d) row per depth
-MIXED = "mixed"  # factored, count-min only for the largest factored forms when needed (rule 4's alternative)
-ESTIMATORS = ("auto", COUNT_MIN, FACTORED, MIXED)
+MIXED = "mixed"  # factored, count-min only for the largest factored forms when needed (rule 5's alternative)
+ESTIMATORS = ("auto", COUNT_MIN, FACTORED, FACTORED_SKETCH, MIXED)
 
 
 @dataclasses.dataclass(frozen=True)
 class SlotPlan:
     name: str
-    kind: str  # EXACT, COUNT_SKETCH or COUNT_MIN
+    kind: str  # EXACT, COUNT_SKETCH, COUNT_MIN, FACTORED or FACTORED_SKETCH
     initial: float
-    shape: tuple  # [rows, dim] exact, [depth, width, dim] sketched
+    # [rows, dim] exact and factored, [depth, width, dim] sketched; FACTORED_SKETCH:
+    # [depth, width, dim] (a [depth, width, 1] count-min table of R and a [dim] C)
+    shape: tuple
 
     @property
     def sketched(self):
-        """Whether the slot is a hashed ``[depth, width, dim]`` table."""
-        return self.kind in (COUNT_SKETCH, COUNT_MIN)
+        """Whether the slot holds a hashed table (with hash parameters)."""
+        return self.kind in (COUNT_SKETCH, COUNT_MIN, FACTORED_SKETCH)
 
     def nbytes(self, itemsize):
         if self.kind == FACTORED:  # a [rows] and a [dim] vector
             return (self.shape[0] + self.shape[1]) * itemsize
+        if self.kind == FACTORED_SKETCH:  # a [depth, width] table and a [dim] vector
+            return (self.shape[0] * self.shape[1] + self.shape[2]) * itemsize
         return int(np.prod(self.shape)) * itemsize
 
 
@@ -105,7 +129,7 @@ class VariablePlan:
     def sketched(self):
         """Whether some state is compressed (a sketch narrower than the rows,
         or a factored slot)."""
-        factored = any(s.kind == FACTORED for s in self.slots)
+        factored = any(s.kind in (FACTORED, FACTORED_SKETCH) for s in self.slots)
         return factored or (self.hashed and self.width < self.layout.rows)
 
     @property
@@ -182,10 +206,11 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     ``shapes``/``itemsizes`` list the model variables; ``kinds`` is the
     optimizer's ``{slot: (kind, initial)}``; ``droppable`` the slot names the
     optimizer can run without; ``estimator`` the 2nd-moment form of
-    compressed matrices: ``"auto"`` (rules 3 and 4), or, for studies
+    compressed matrices: ``"auto"`` (rules 3-5), or, for studies
     (benchmarks/budget_study.py), ``"count_min"`` or ``"factored"``
-    everywhere, or ``"mixed"`` (count-min only for the matrices with the
-    largest factored forms, as few as needed).  Returns the
+    everywhere, ``"factored_sketch"`` (rule 4 whatever the budget), or
+    ``"mixed"`` (count-min only for the matrices with the largest factored
+    forms, as few as needed).  Returns the
     plans; raises ``ValueError`` when the budget cannot be met.
     """
     if estimator not in ESTIMATORS:
@@ -235,13 +260,64 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
     def cost(candidate):
         return sum(p.state_bytes(i) for p, i in zip(candidate, itemsizes))
 
-    # Which matrices keep their non-negative slots factored (rules 3 and 4).
+    signed = any(kind != COUNT_MIN for kind, _ in kept.values())
+
+    def sketched_factored(width):
+        """Rule 4's plans: matrices factored, and every vector (a vector
+        variable, a ``[rows, 1]`` matrix or a matrix's long factor) longer
+        than ``width`` hashed into ``width`` buckets (``FACTORED_SKETCH``,
+        depth 1; a vector is its ``dim = 1`` case); the short factor exact."""
+        out = list(plans)
+        for i, shape in enumerate(shapes):
+            layout = Layout(shape, transpose=len(shape) >= 2 and _longer_is_last(shape))
+            if layout.rows <= width or _numel(shape) == 1:
+                if len(shape) >= 2 and _numel(shape) > layout.rows:
+                    out[i] = factored_plan(i)  # rule 3's form: R and C exact
+                continue
+            slots = tuple(SlotPlan(n, FACTORED_SKETCH, float(init), (1, width, layout.dim))
+                          for n, (_, init) in kept.items())
+            out[i] = VariablePlan(layout, slots, depth=1, width=width, dropped=dropped)
+        return out
+
+    def infeasible(smallest):
+        fraction = cost(smallest) / exact_bytes
+        scale = 10.0 ** (3 - math.floor(math.log10(fraction)))  # rounded up to 4 significant digits
+        feasible = float(f"{math.ceil(fraction * scale) / scale:.4g}")
+        return ValueError(
+            f"`state_budget={budget}` cannot be met: even one-bucket sketches and exact state for the rest "
+            f"take {cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
+            f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
+        )
+
+    def fitted_sketched_factored():
+        """Rule 4 at the largest common width that fits."""
+        low, high = 1, max(Layout(s, transpose=len(s) >= 2 and _longer_is_last(s)).rows for s in shapes)
+        while low < high:  # the largest width whose plans fit (cost grows with the width)
+            mid = (low + high + 1) // 2
+            if cost(sketched_factored(mid)) <= allowed:
+                low = mid
+            else:
+                high = mid - 1
+        return sketched_factored(low)
+
+    # Which plan: rules 3-6.
+    if estimator == FACTORED_SKETCH:
+        if signed:
+            raise ValueError(f"`estimator={FACTORED_SKETCH!r}` needs non-negative slots only.")
+        if cost(sketched_factored(1)) > allowed:
+            raise infeasible(sketched_factored(1))
+        return fitted_sketched_factored()
     if estimator == COUNT_MIN:
         factor = frozenset()
     elif estimator == FACTORED:
         factor = frozenset(matrices)
-    elif estimator == "auto":  # rules 3 and 4
-        factor = frozenset(matrices) if cost(plans_at(0.0, frozenset(matrices))) <= allowed else frozenset()
+    elif estimator == "auto":  # rules 3-6
+        if cost(plans_at(0.0, frozenset(matrices))) <= allowed:
+            factor = frozenset(matrices)  # rule 3
+        elif not signed and cost(sketched_factored(1)) <= allowed:
+            return fitted_sketched_factored()  # rule 4
+        else:
+            factor = frozenset()  # rule 5 (rule 6 below if even that does not fit)
     else:  # mixed: count-min for as few of the matrices with the largest factored forms as needed
         by_size = sorted(matrices, key=lambda i: -(Layout(shapes[i]).rows + Layout(shapes[i]).dim))
         for k in range(len(by_size) + 1):
@@ -250,13 +326,9 @@ def budget_plans(shapes, itemsizes, kinds, droppable, exact_slot_count, budget, 
                 break
     smallest = plans_at(0.0, factor)
     if cost(smallest) > allowed:
-        feasible = math.ceil(cost(smallest) / exact_bytes * 1e4) / 1e4
-        raise ValueError(
-            f"`state_budget={budget}` cannot be met: even one-bucket sketches of every matrix "
-            f"and exact state for the {len(shapes) - len(matrices)} scalars/vectors take "
-            f"{cost(smallest):,} bytes, {cost(smallest) / exact_bytes:.4g} of the exact "
-            f"optimizer's {exact_bytes:,}. The smallest feasible budget is {feasible}."
-        )
+        if estimator == "auto" and not signed and cost(sketched_factored(1)) < cost(smallest):
+            smallest = sketched_factored(1)
+        raise infeasible(smallest)
     if not any(p.hashed for p in smallest):
         return smallest  # nothing is hashed: no width to choose
     low, high = 0.0, 1.0

@@ -134,6 +134,24 @@ class Sketch:
             return self._clamp(estimate)
         return self._query_all_chunked()
 
+    def query_shared(self, rows=None):
+        """Depth-1 estimates ``[k, dim]`` of ``rows`` (all rows when None):
+        each bucket's value shared equally among the rows hashed to it.
+
+        Not an upper bound like ``query`` (a bucket's rows sum to its value:
+        the mass of the rows is kept, not added to each of them); exact for a
+        row alone in its bucket.  The number of rows per bucket follows from
+        the hash parameters and is recounted on every call (``rows`` hashes,
+        no stored state).  ``FACTORED_SKETCH`` reads its row factor this way
+        (keras_sketch/factored.py)."""
+        if self.depth != 1:
+            raise ValueError(f"query_shared needs a depth-1 sketch, this one has depth {self.depth}.")
+        every = self.locate(tf.range(self.rows, dtype=tf.int64)).buckets[0]
+        counts = tf.math.unsorted_segment_sum(tf.ones([self.rows], self.table.dtype), every, self.width)
+        shared = self._clamp(self._tensor()[0]) / tf.maximum(counts, 1.0)[:, None]
+        buckets = every if rows is None else self.locate(rows).buckets[0]
+        return tf.gather(shared, buckets)
+
     def _query_all_chunked(self):
         chunk = max(1, _QUERY_CHUNK_ELEMENTS // (self.depth * self.dim))
         chunk = min(chunk, self.rows)

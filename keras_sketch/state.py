@@ -25,7 +25,7 @@ which Lion's step needs).  docs/extending.md shows how an optimizer uses them.
 import numpy as np
 import tensorflow as tf
 
-from keras_sketch.factored import FACTORED
+from keras_sketch.factored import FACTORED_KINDS
 from keras_sketch.sketch import EXACT
 from keras_sketch.tf_internals import in_xla_context, tf_variable
 
@@ -130,6 +130,8 @@ def estimate(slot, rows=None):
     Read before ``accumulate`` it is the value the slot held before the step
     (Lion's update direction); read after it, what ``accumulate`` returned.
     """
+    if slot.kind in FACTORED_KINDS:
+        return slot.read(rows)
     if rows is None:
         return slot.query_all()
     return slot.query(slot.locate(rows.ids))
@@ -142,7 +144,7 @@ def accumulate(slot, x, decay, scale, rows=None):
     for ``rows.ids``.  The estimate is queried after the update, as in the
     paper's algorithms.
     """
-    if slot.kind == FACTORED:  # not linear: the factored state updates itself
+    if slot.kind in FACTORED_KINDS:  # not linear: the factored state updates itself
         return slot.accumulate(x, decay, scale, rows)
     if rows is None:
         slot.decay_add_all(decay, scale * x)

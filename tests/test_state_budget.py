@@ -45,11 +45,13 @@ def test_budgets_are_met_as_reported(opt_name):
             assert report.ratio <= budget + 1e-12, (model_name, budget, report.ratio)
             # the report counts exactly the state variables the optimizer holds
             assert report.state_bytes == keras_state_bytes(opt), (model_name, budget)
-            if budget < 0.5:  # every matrix is compressed, every vector exact
+            if budget < 0.5:  # every matrix is compressed; vectors exact unless rule 4 sketches long ones
                 for r in report.rows:
-                    assert r["mode"] == ("sketched" if len(r["shape"]) >= 2 else "exact"), r
+                    vector_sketched = r["states"] and all(k in ("count_min", "factored_sketch")
+                                                          for k, _ in r["states"].values())
+                    assert r["mode"] == ("sketched" if len(r["shape"]) >= 2 or vector_sketched else "exact"), r
                 kinds = {kind for r in report.rows for kind, _ in r["states"].values()}
-                if kinds & {"count_min", "count_sketch"}:  # the common width spends the budget
+                if kinds & {"count_min", "count_sketch", "factored_sketch"}:  # the common width spends the budget
                     assert report.ratio > 0.5 * budget, (model_name, budget, report.ratio)
                 else:  # every matrix factored: the most the planner keeps; its size is fixed
                     for r in report.rows:
@@ -119,17 +121,39 @@ def test_plan_drops_first_moment_then_sketches_every_matrix():
         assert "path" in r and r["path"]
 
 
-def test_factored_where_all_fit_else_count_min_everywhere():
-    """Rules 3 and 4 (the study's decision, docs/state_budget.md)."""
+def test_factored_where_all_fit_else_sketched_long_vectors():
+    """Rules 3 and 4 (the study's decisions, docs/state_budget.md): factored
+    matrices where all fit; else still factored, with every vector longer
+    than the common width (the 5,000-long row factors of the embedding and
+    the softmax kernel, the softmax bias) hashed into that many buckets and
+    the short ones exact; the budget is spent to within one bucket."""
     model = models()["lm"]
-    for budget, kind in ((0.1, "factored"), (0.02, "factored"), (0.008, "count_min")):
+    for budget, kind in ((0.1, "factored"), (0.02, "factored"), (0.008, "factored_sketch"),
+                         (0.005, "factored_sketch")):
         opt = keras_sketch.CSAdam(state_budget=budget)
         opt.build(model.trainable_variables)
-        for r in opt.memory_report().rows:
-            expected = kind if len(r["shape"]) >= 2 else "exact"
-            assert r["states"]["v"][0] == expected, (budget, r)
-            if kind == "factored" and len(r["shape"]) >= 2:
+        report = opt.memory_report()
+        assert report.ratio <= budget
+        for r in report.rows:
+            long = max(r["shape"]) >= 5000
+            if len(r["shape"]) >= 2 and r["shape"][-1] > 1:
+                expected = "factored_sketch" if kind == "factored_sketch" and long else "factored"
                 assert "factored state" in r["path"]  # no fused kernel: pure TF, and the report says why
+            else:  # vectors: exact, the 5,000-long softmax bias hashed under rule 4
+                expected = "factored_sketch" if kind == "factored_sketch" and long else "exact"
+            assert r["states"]["v"][0] == expected, (budget, r)
+        if kind == "factored_sketch":
+            widths = {r["states"]["v"][1][1] for r in report.rows if r["states"]["v"][0] != "exact"
+                      and r["states"]["v"][0] != "factored"}
+            assert len(widths) == 1, widths  # one common width
+            # one bucket more per sketched vector would exceed the budget
+            extra = 4 * len([r for r in report.rows if r["states"]["v"][0] == "factored_sketch"])
+            assert report.state_bytes + extra > budget * report.exact_optimizer_bytes
+    # Optimizers with signed slots keep rule 5 (count-min everywhere) where factored does not fit.
+    rms = keras_sketch.CSRMSprop(momentum=0.9, state_budget=0.013)
+    rms.build(model.trainable_variables)
+    kinds = {k for r in rms.memory_report().rows for k, _ in r["states"].values()}
+    assert "factored_sketch" not in kinds and "count_min" in kinds, kinds
     # The factored plan's size is fixed: 0.1 and 0.02 give the same plan.
     a, b = keras_sketch.CSAdam(state_budget=0.1), keras_sketch.CSAdam(state_budget=0.02)
     a.build(model.trainable_variables)
@@ -208,9 +232,11 @@ def test_budget_round_trips_and_refuses_another_budget(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_two_percent_budget_trains_close_to_adam():
+@pytest.mark.parametrize("budget, kind", [(0.02, "factored"), (0.005, "factored_sketch")])
+def test_small_budgets_train_close_to_adam(budget, kind):
     """Quality guard for the planner: a tiny embedding classifier trained a few
-    hundred steps with ``state_budget=0.02`` (50x less state than Adam) ends
+    hundred steps with ``state_budget=0.02`` (50x less state than Adam; rule
+    3) or ``0.005`` (200x; rule 4, the embedding's row factor hashed) ends
     within a loose bound of Keras Adam's held-out loss at the same lr."""
     rng = np.random.default_rng(7)
     vocab, classes = 2000, 8
@@ -228,8 +254,10 @@ def test_two_percent_budget_trains_close_to_adam():
         return model.evaluate(ids[5000:], labels[5000:], verbose=0), model.optimizer
 
     adam, _ = held_out_loss(keras.optimizers.Adam(3e-3))
-    ours, opt = held_out_loss(keras_sketch.CSAdam(3e-3, state_budget=0.02))
-    assert opt.memory_report().ratio <= 0.02
+    ours, opt = held_out_loss(keras_sketch.CSAdam(3e-3, state_budget=budget))
+    report = opt.memory_report()
+    assert report.ratio <= budget
+    assert report.rows[0]["states"]["v"][0] == kind, report.rows[0]
     assert np.isfinite(ours) and ours < 1.1 * adam, (ours, adam)
 
 
@@ -266,3 +294,130 @@ def test_amsgrad_under_a_budget_keeps_count_min_and_trains():
     opt.apply(grads, model.trainable_variables)
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
     assert not np.allclose(before[0], model.trainable_variables[0].numpy())
+
+
+def _sketched_factored_opt(**kw):
+    """On one ``[300, 8]`` variable, 0.03 of Adam's state is below its factored
+    form (0.064): rule 4 keeps its row factor in a count-min sketch."""
+    return keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.03, **kw)
+
+
+def test_sketched_factored_sparse_step_is_the_dense_step_with_zero_rows():
+    """Sparse rows (with duplicates) update the sketched row factor exactly as
+    the dense gradient with zero rows elsewhere does (the sketch is linear:
+    decay the table, add the row means at their buckets)."""
+    rng = np.random.default_rng(5)
+    init = rng.normal(size=(300, 8)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    sparse_opt, dense_opt = _sketched_factored_opt(), _sketched_factored_opt()
+    for _ in range(8):
+        ids = rng.integers(0, 300, 64)
+        grad = tf.IndexedSlices(tf.constant(rng.normal(size=(64, 8)).astype("float32")), tf.constant(ids),
+                                 tf.constant([300, 8]))
+        sparse_opt.apply([grad], [a])
+        dense_opt.apply([tf.convert_to_tensor(grad)], [b])
+    kind, shape = sparse_opt.memory_report().rows[0]["states"]["v"]
+    assert kind == "factored_sketch" and shape[1] < 300, shape  # fewer buckets than rows
+    assert sparse_opt.memory_report().ratio <= 0.03
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    for x, y in zip(sparse_opt.variables, dense_opt.variables):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_sketched_row_factor_shares_each_bucket_among_its_rows():
+    """The hashed row factor is read as its bucket's value shared equally by
+    the rows hashed there (keras_sketch/factored.py): exact for a row alone in
+    its bucket, and the rows of a bucket sum to the exact rows' sum; the column
+    factor is exact."""
+    rng = np.random.default_rng(6)
+    init = rng.normal(size=(300, 8)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    sketched, exact = _sketched_factored_opt(), keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.1)
+    for _ in range(3):
+        g = tf.constant(rng.normal(size=(300, 8)).astype("float32"))
+        sketched.apply([g], [a])
+        exact.apply([g], [b])
+    sk, ex = sketched._slots[0]["v"], exact._slots[0]["v"]
+    assert sk.kind == "factored_sketch" and ex.kind == "factored"
+    r_sk = sk.row.query_shared().numpy()[:, 0]
+    r_ex = ex.row.numpy()
+    buckets = sk.row.locate(tf.range(300, dtype=tf.int64)).buckets.numpy()[0]
+    alone = np.bincount(buckets, minlength=sk.row.width)[buckets] == 1
+    assert alone.any() and (~alone).any()
+    np.testing.assert_allclose(r_sk[alone], r_ex[alone], rtol=1e-5)
+    np.testing.assert_allclose(np.bincount(buckets, r_sk), np.bincount(buckets, r_ex), rtol=1e-5)
+    np.testing.assert_allclose(sk.col.numpy(), ex.col.numpy(), rtol=1e-6)
+    # the step reads exactly this estimate: R_i * C_j / mean(C)
+    c = sk.col.numpy()
+    np.testing.assert_allclose(sk.read().numpy(), r_sk[:, None] * (c / c.mean())[None, :], rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sketched_factored_contains_a_nan_row(sparse):
+    """A gradient row with NaN (keras_sketch/guard.py) reaches no bucket of the
+    sketched row factor: the step equals the step without that row (dense:
+    the row's gradient taken as zero; sparse: the row absent), every state
+    and weight stays finite, and the other rows move."""
+    rng = np.random.default_rng(8)
+    init = rng.normal(size=(300, 8)).astype("float32")
+    a, b = tf.Variable(init), tf.Variable(init)
+    bad_opt, clean_opt = _sketched_factored_opt(), _sketched_factored_opt()
+    for step in range(4):
+        g = rng.normal(size=(300, 8)).astype("float32")
+        ids = np.arange(300)
+        bad, clean = g.copy(), g.copy()
+        bad[7, 3] = np.nan
+        clean[7] = 0.0
+        if sparse:
+            keep = ids != 7
+            bad_grad = tf.IndexedSlices(tf.constant(bad), tf.constant(ids), tf.constant([300, 8]))
+            clean_grad = tf.IndexedSlices(tf.constant(g[keep]), tf.constant(ids[keep]), tf.constant([300, 8]))
+        else:
+            bad_grad, clean_grad = tf.constant(bad), tf.constant(clean)
+        bad_opt.apply([bad_grad], [a])
+        clean_opt.apply([clean_grad], [b])
+    assert bad_opt.memory_report().rows[0]["states"]["v"][0] == "factored_sketch"
+    assert np.all(np.isfinite(a.numpy()))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in bad_opt.variables)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    for x, y in zip(bad_opt.variables, clean_opt.variables):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(a.numpy()[8:], init[8:])
+
+
+def test_sketched_factored_round_trips_and_refuses_another_width(tmp_path):
+    """Rule 4's state (hash parameters, the row sketch, the column vector)
+    saves and loads; a budget giving another width is refused."""
+    model = _compiled(0.01)
+    kinds = {k for r in model.optimizer.memory_report().rows for k, _ in r["states"].values()}
+    assert "factored_sketch" in kinds, kinds
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.state_budget == 0.01
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    weights = str(tmp_path / "m.weights.h5")
+    model.save_weights(weights)
+    with pytest.raises(ValueError, match="state_budget"):
+        _compiled(0.012).load_weights(weights)
+    same = _compiled(0.01)
+    same.load_weights(weights)
+    for a, b in zip(model.optimizer.variables, same.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_smallest_feasible_budget_is_rule_4_at_one_bucket():
+    """Below rule 3, the smallest feasible budget is rule 4 with one bucket
+    per long vector; a hair below it raises naming it."""
+    model = models()["lm"]
+    with pytest.raises(ValueError, match="smallest feasible budget is") as info:
+        keras_sketch.CSAdam(state_budget=1e-6).build(model.trainable_variables)
+    smallest = float(str(info.value).rstrip(".").split()[-1])
+    opt = keras_sketch.CSAdam(state_budget=smallest)
+    opt.build(model.trainable_variables)
+    widths = {r["states"]["v"][1][1] for r in opt.memory_report().rows
+              if r["states"]["v"][0] == "factored_sketch"}
+    assert widths and max(widths) <= 2, widths
+    with pytest.raises(ValueError, match=f"smallest feasible budget is {smallest}"):
+        keras_sketch.CSAdam(state_budget=smallest * 0.9).build(model.trainable_variables)

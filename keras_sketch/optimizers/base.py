@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from keras_sketch import fused as fused_op
 from keras_sketch import guard, memory, plan
-from keras_sketch.factored import FACTORED, FactoredState
+from keras_sketch.factored import FACTORED, FACTORED_KINDS, FACTORED_SKETCH, FactoredState
 from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.optimizers import describe, state_spec
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
@@ -355,7 +355,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         option = self._fused_unsupported()
         if option:
             return False, f"{option}: the fused op has no kernel for it"
-        if FACTORED in var_plan.compressed_kinds:
+        if set(FACTORED_KINDS) & set(var_plan.compressed_kinds):
             return False, "factored state (the fused op has no kernel for it)"
         return fused_op.fused_reason(self, var_plan.layout, var)
 
@@ -380,6 +380,11 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 row = self._add_state_variable(var, f"{slot.name}_row", slot.shape[:1], init)
                 col = self._add_state_variable(var, f"{slot.name}_col", slot.shape[1:], init)
                 slots[slot.name] = FactoredState(row, col)
+            elif slot.kind == FACTORED_SKETCH:  # R hashed into a [1, width, 1] table, C exact
+                depth, width, dim = slot.shape
+                table = self._add_state_variable(var, f"{slot.name}_row_sketch", (depth, width, 1), init)
+                col = self._add_state_variable(var, f"{slot.name}_col", (dim,), init)
+                slots[slot.name] = FactoredState(Sketch(table, params, layout.rows, COUNT_MIN), col)
             elif slot.sketched:
                 table = self._add_state_variable(var, f"{slot.name}_sketch", slot.shape, init)
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
