@@ -336,7 +336,10 @@ def report():
         "Replicas are logical CPU devices under MirroredStrategy. 'ratio (handed)' = 4 x parameters / bytes one "
         "replica hands to the collectives; 'wire ratio' = ring traffic of the uncompressed Keras path (which "
         "all-gathers sparse embedding gradients) / ring traffic of the method. Machine shared with other agents: "
-        "times are medians, read only as ratios within one run.",
+        "times are medians, read only as ratios within one run. The learning-rate grid sections: "
+        "`--task lm --grid 0.05,0.1,0.2,0.4 --only sgd_momentum,fetchsgd_40x,two_round_40x,local_topk_40x`, "
+        "`--task embedding --batch 64 --steps 300 --grid 0.5,2,5 --only ...`, plus `--rows 1 --kdiv 2` "
+        "and `--subtract` for the variant lines (docs/sketched_sgd.md lists every command).",
         "",
     ]
     plot_data = []
