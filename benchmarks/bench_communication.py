@@ -49,16 +49,24 @@ BANDWIDTHS_GBIT = (1, 10, 100)
 BIG_D = 100_000_000
 
 
-def configs(d, replicas, rows=None):
+def configs(d, replicas, rows=None, kdiv=None):
     from keras_sketch.optimizers.sketched_sgd import sketch_sizes
 
     out = [("sgd_momentum", None, {})]
     extra, suffix = (dict(rows=rows), f"_rows{rows}") if rows else ({}, "")
     for r in RATIOS:
-        out.append((f"fetchsgd_{r}x{suffix}", r, dict(compression=r, mode="fetchsgd", **extra)))
-        out.append((f"two_round_{r}x{suffix}", r, dict(compression=r, mode="two_round", **extra)))
-        rows, columns, _ = sketch_sizes(d, r, "fetchsgd")
-        out.append((f"local_topk_{r}x", r, dict(k=max(1, rows * columns // replicas), mode="local_topk")))
+        for mode in ("fetchsgd", "two_round"):
+            kw, sfx = dict(extra), suffix
+            if kdiv:  # k = columns // kdiv instead of the rule's columns // 4, same bytes budget
+                from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES
+
+                per_row = (rows or DEFAULT_ROWS) + (P_CANDIDATES / kdiv if mode == "two_round" else 0)
+                columns = max(1, int(d // (r * per_row)))
+                kw.update(columns=columns, k=max(1, columns // kdiv))
+                sfx += f"_kc{kdiv}"
+            out.append((f"{mode}_{r}x{sfx}", r, dict(compression=r, mode=mode, **kw)))
+        f_rows, f_columns, _ = sketch_sizes(d, r, "fetchsgd")  # not `rows`: the loop's argument
+        out.append((f"local_topk_{r}x", r, dict(k=max(1, f_rows * f_columns // replicas), mode="local_topk")))
     return out
 
 
@@ -77,7 +85,7 @@ def wire_bytes(report, replicas):
 
 def lm_task(args):
     import keras
-    from lm_data import build_lm
+    from keras_sketch_harness.lm import build_lm
 
     data = lm_data(args.steps * args.batch * 20 + 1, 20 * 1024 + 1, 2000, args.batch, 20)
 
@@ -166,6 +174,32 @@ def sketch_cost(d, compression, repeats=10):
     return float(np.median(times))
 
 
+def subtract_error_variant():
+    """Diagnostic (``--subtract``): fetchsgd with ``E <- E - sketch(Delta)``
+    instead of zeroing the chosen coordinates' buckets of ``E`` (momentum
+    buckets are still zeroed).  Zeroing clears up to ``rows*k`` buckets a step
+    (a quarter of every row at k = columns/4), also wiping the error of every
+    coordinate that shares them; subtracting removes only what was applied."""
+    import tensorflow as tf
+
+    from keras_sketch.optimizers.sketched_sgd import SketchedSGD
+
+    def _fetchsgd(self, ctx, parts, lr, rho):
+        flat, signs = self._flat_locations(tf.range(self.param_count, dtype=tf.int64))
+        S = self._all_reduce(ctx, self._sketch_parts(parts, flat, signs), "sketch")[:, :, None]
+        U = rho * tf.convert_to_tensor(self.sketch_momentum) + S
+        E = tf.convert_to_tensor(self.sketch_error) + lr * (S + rho * U if self.nesterov else U)
+        estimate = self._unsketch(E, flat, signs)
+        _, chosen = tf.math.top_k(tf.abs(estimate), self.update_k)
+        chosen = tf.cast(chosen, tf.int64)
+        delta = tf.gather(estimate, chosen)
+        E = E - self._sketch_parts([(chosen, 0, None, delta)], flat, signs)[:, :, None]
+        U = self._zero_buckets(U, chosen)
+        return chosen, delta, [(self.sketch_momentum, U), (self.sketch_error, E)]
+
+    SketchedSGD._fetchsgd = _fetchsgd
+
+
 def run_task(args):
     import numpy as np
     import tensorflow as tf
@@ -177,21 +211,28 @@ def run_task(args):
     from keras_sketch.distributed import Trainer
 
     task = TASKS[args.task](args)
+    if args.subtract:
+        subtract_error_variant()
     strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     d = sum(int(np.prod(v.shape)) for v in task["make_model"]().trainable_variables)
     results = load_json(OUT, {})
-    key = f"{args.task}/{args.replicas}"
+    grid = [float(v) for v in args.grid.split(",")] if args.grid else None
+    key = f"{args.task}/{args.replicas}" + (f"/grid{args.steps}" if grid else "")
     entry = {"task": args.task, "replicas": args.replicas, "parameters": d, "desc": task["desc"], "steps": args.steps,
-             "batch": args.batch, "learning_rate": task["lr"], "metric": task["metric"],
+             "batch": args.batch, "learning_rate": grid or task["lr"], "metric": task["metric"],
              "higher_is_better": task["higher_is_better"], "machine": machine_info(),
-             "runs": results.get(key, {}).get("runs", {}) if args.only else {}}  # --only adds to a previous run
+             "runs": results.get(key, {}).get("runs", {}) if args.only or grid else {}}  # adds to a previous run
     only = set(args.only.split(",")) if args.only else None
-    for name, ratio, kwargs in configs(d, args.replicas, args.rows):
-        if only and name not in only:
-            continue
+    todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv)
+            for lr in (grid or [task["lr"]]) if not only or name in only]
+    for name, ratio, kwargs, lr in todo:
+        if grid:
+            name = f"{name}{'_subtract' if args.subtract else ''}@{lr:g}"
+            if name in entry["runs"]:  # resumable: a grid point already measured is kept
+                continue
         with strategy.scope():
             model = task["make_model"]()
-            optimizer = ks.SketchedSGD(learning_rate=task["lr"], momentum=0.9, **kwargs)
+            optimizer = ks.SketchedSGD(learning_rate=lr, momentum=0.9, **kwargs)
         trainer = Trainer(model, optimizer, task["loss_fn"], strategy)
         x, y, b = task["x"], task["y"], args.batch
         losses, times = [], []
@@ -213,11 +254,16 @@ def run_task(args):
             "finite": bool(np.all(np.isfinite(losses))),
             **task["quality"](model),
         }
-        if ratio and "local" not in name:
+        if ratio and "local" not in name and not grid:
             run["sketch_cost_s"] = sketch_cost(d, ratio)
+        run["learning_rate"] = lr
         entry["runs"][name] = run
         print(f"{name:16s} {run[task['metric']]:10.4f} handed {run['handed_bytes']:>9} B  ratio {run['handed_ratio']:6.1f}  "
               f"step {run['median_step_s'] * 1e3:7.1f} ms  loss {run['final_train_loss']:.3f}", flush=True)
+        if grid:  # saved after every point: an interrupted grid resumes where it stopped
+            results = load_json(OUT, {})
+            results[key] = entry
+            save_json(OUT, results)
     results = load_json(OUT, {})  # re-read: another task may have finished meanwhile
     results[key] = entry
     save_json(OUT, results)
@@ -247,6 +293,41 @@ def projection(entry):
     return out
 
 
+def grid_table(entry):
+    """Every method at its best learning rate of the grid and at the
+    uncompressed baseline's best learning rate."""
+    metric, runs, sign = entry["metric"], entry["runs"], (1 if entry["higher_is_better"] else -1)
+    methods = {}
+    for name, run in runs.items():
+        method, lr = name.rsplit("@", 1)
+        methods.setdefault(method, {})[float(lr)] = run
+
+    def score(run):
+        q = run[metric]
+        return sign * q if run["finite"] and math.isfinite(q) else -math.inf
+
+    base = methods.get("sgd_momentum")
+    if not base:
+        return []
+    base_lr = max(base, key=lambda lr: score(base[lr]))
+    bq = base[base_lr][metric]
+    lrs = sorted({lr for m in methods.values() for lr in m})
+    lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps "
+             f"({entry['parameters']:,} parameters)", "",
+             f"{entry['desc']}; global batch {entry['batch']}, momentum 0.9; every method at every learning rate of "
+             f"the grid. Uncompressed best: lr {base_lr:g}, {metric} {bq:.4g}. " + machine_line(entry["machine"]), "",
+             f"| method | ratio (handed) | best lr | {metric} at best | / uncompressed best | {metric} at lr {base_lr:g} "
+             f"| / uncompressed best | all lrs |", "|---|---|---|---|---|---|---|---|"]
+    for method, by_lr in methods.items():
+        best = max(by_lr, key=lambda lr: score(by_lr[lr]))
+        at = by_lr.get(base_lr)
+        cells = ", ".join(f"{lr:g}: {by_lr[lr][metric]:.4g}" for lr in sorted(by_lr))
+        at_s = f"{at[metric]:.4g} | {at[metric] / bq:.3g}" if at else "- | -"
+        lines.append(f"| {method} | {by_lr[best]['handed_ratio']:.1f} | {best:g} | {by_lr[best][metric]:.4g} | "
+                     f"{by_lr[best][metric] / bq:.3g} | {at_s} | {cells} |")
+    return lines + [""]
+
+
 def report():
     results = load_json(OUT, {})
     lines = [
@@ -255,11 +336,17 @@ def report():
         "Replicas are logical CPU devices under MirroredStrategy. 'ratio (handed)' = 4 x parameters / bytes one "
         "replica hands to the collectives; 'wire ratio' = ring traffic of the uncompressed Keras path (which "
         "all-gathers sparse embedding gradients) / ring traffic of the method. Machine shared with other agents: "
-        "times are medians, read only as ratios within one run.",
+        "times are medians, read only as ratios within one run. The learning-rate grid sections: "
+        "`--task lm --grid 0.05,0.1,0.2,0.4 --only sgd_momentum,fetchsgd_40x,two_round_40x,local_topk_40x`, "
+        "`--task embedding --batch 64 --steps 300 --grid 0.5,2,5 --only ...`, plus `--rows 1 --kdiv 2` "
+        "and `--subtract` for the variant lines (docs/sketched_sgd.md lists every command).",
         "",
     ]
     plot_data = []
     for key, entry in sorted(results.items()):
+        if "/grid" in key:
+            lines += grid_table(entry)
+            continue
         metric, runs = entry["metric"], entry["runs"]
         base = runs.get("sgd_momentum")
         lines += [f"### {entry['task']}, {entry['replicas']} replicas ({entry['parameters']:,} parameters)", "",
@@ -337,6 +424,9 @@ def main():
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--only", default="", help="comma-separated method names (added to the stored run)")
     parser.add_argument("--rows", type=int, default=None, help="sketch rows instead of the rule's (names get _rowsN)")
+    parser.add_argument("--grid", default="", help="comma-separated learning rates: every method at each (resumable)")
+    parser.add_argument("--kdiv", type=int, default=None, help="sketch modes: k = columns // KDIV (names get _kcN)")
+    parser.add_argument("--subtract", action="store_true", help="diagnostic fetchsgd variant E -= sketch(Delta) (grid only)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.task:

@@ -99,3 +99,29 @@ def test_image_example_tiny(tmp_path, script):
     assert res[1]["state_bytes"] < res[0]["state_bytes"]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in res)
     assert (tmp_path / "img.png").exists()
+
+
+def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
+    """The LM task's imports resolve (its `lm_data` module had moved, breaking
+    `--task lm`), and the `--rows`/`--kdiv` variants keep every sketch config at
+    its bytes budget (a loop variable once shadowed `rows`)."""
+    import argparse
+
+    from keras_sketch.optimizers.sketched_sgd import P_CANDIDATES
+
+    bench = script("benchmarks", "bench_communication")
+    args = argparse.Namespace(steps=2, batch=4, lr=None)
+    for name in ("lm", "embedding"):
+        task = bench.TASKS[name](args)
+        assert task["make_model"]().count_params() > 1000
+    d = 218_832
+    for rows, kdiv in ((None, None), (1, None), (1, 2), (3, 1)):
+        for name, ratio, kw in bench.configs(d, 2, rows, kdiv):
+            if ratio is None or kw["mode"] == "local_topk":
+                continue
+            from keras_sketch.optimizers.sketched_sgd import sketch_sizes
+
+            r, c, k = sketch_sizes(d, kw["compression"], kw["mode"], kw.get("rows"), kw.get("columns"), kw.get("k"))
+            assert r == (rows or 5), name
+            floats = r * c + (P_CANDIDATES * k if kw["mode"] == "two_round" else 0)
+            assert 0.9 * ratio <= d / floats <= 1.1 * ratio, (name, r, c, k)
