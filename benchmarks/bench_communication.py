@@ -85,6 +85,7 @@ def wire_bytes(report, replicas):
 
 def lm_task(args):
     import keras
+
     from keras_sketch_harness.lm import build_lm
 
     data = lm_data(args.steps * args.batch * 20 + 1, 20 * 1024 + 1, 2000, args.batch, 20)
