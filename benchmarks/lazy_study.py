@@ -45,7 +45,7 @@ DESCRIPTIONS = {
 }
 TASKS = {
     # name: (learning-rate grid, settings overriding budget_study.TASKS)
-    "lstm": ((5e-3, 1e-2, 2e-2), dict(steps=300)),
+    "lstm": ((5e-3, 1e-2, 2e-2, 4e-2), dict(steps=300)),
     "recsys": ((3e-3, 1e-2, 3e-2), dict(steps=1200)),
 }
 QUICK_STEPS = 6

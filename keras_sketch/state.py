@@ -63,6 +63,10 @@ class ExactState:
     def scale(self, factor):
         self._variable().assign(self._tensor() * tf.cast(factor, self.table.dtype))
 
+    def scale_at(self, loc, factor):
+        """``X[loc] <- factor * X[loc]`` (``factor`` ``[k, 1]``)."""
+        self._variable().scatter_nd_update(loc[:, None], self.query(loc) * factor)
+
     def max_at(self, loc, source):
         """``X[loc] <- max(X[loc], source[loc])`` (``source``: exact, same shape)."""
         self._variable().scatter_nd_update(loc[:, None], tf.maximum(self.query(loc), source.query(loc)))
@@ -272,10 +276,19 @@ FLOAT32_ROUNDOFF = 2.0**-24
 
 def decay_rows(state, name, factor):
     """``X[rows] <- factor * X[rows]`` on slot ``name`` (``factor`` per row,
-    ``[k, 1]``): the missed decays of the step's rows, ``accumulate`` with a
-    zero gradient."""
-    previous = state.read(name)
-    return state.accumulate(name, tf.zeros_like(previous), decay=factor)
+    ``[k, 1]``): the missed decays of the step's rows.  Written as a product
+    (``scale_at``), not as the additive delta ``(factor - 1) * X``, which
+    would leave an error of X's rounding after a long decay.  Entries that
+    are not real rows keep factor 1, except XLA's padding and left-out
+    entries, which all carry id 0 and row 0's own factor: when row 0 is a
+    real row of the step they must write the same value as it."""
+    rows = state.rows
+    real = rows.mask > 0
+    row_zero = tf.equal(rows.ids, 0)[:, None]
+    zero_touched = tf.reduce_any(real & row_zero)
+    factor = tf.where(real | (row_zero & zero_touched), factor, tf.ones_like(factor))
+    slot = state.slots[name]
+    slot.scale_at(slot.locate(rows.ids), factor)
 
 
 def missed_sum(term, skipped, cap, like):
