@@ -6,6 +6,12 @@ every row every step.  This study trains the same model from the same seed on
 a shared learning-rate grid with
 
 * ``adam``: Keras Adam (dense semantics, the baseline);
+* ``dense``: Keras Adam given the gradient made dense in ``update_step``
+  (after Keras's clipping, as our optimizers receive it).  Keras's Adam on a
+  ``tf.IndexedSlices`` gradient squares each slice, so a row repeated in a
+  batch gets the sum of the squares in ``v`` rather than the square of the
+  sum; ``dense`` is the dense Adam that ``lazy`` and ``catchup`` differ from
+  only by laziness (duplicates are merged first in both);
 * ``lazy``: exact lazy Adam, ``CSAdam(depth=1, compression=1.0, min_rows=1)``
   (nothing sketched: only the laziness differs from Keras Adam);
 * ``catchup``: the same with ``catch_up=True`` (rows replay their missed
@@ -36,9 +42,10 @@ import budget_study
 import common
 
 OUT = common.RESULTS_DIR / "lazy_study.json"
-CONFIGS = ["adam", "lazy", "catchup", "csadam"]
+CONFIGS = ["adam", "dense", "lazy", "catchup", "csadam"]
 DESCRIPTIONS = {
-    "adam": "Keras Adam (dense)",
+    "adam": "Keras Adam (dense; squares each slice of a sparse gradient, duplicates unmerged)",
+    "dense": "Keras Adam on the densified gradient (dense Adam, duplicate ids summed first)",
     "lazy": "exact lazy Adam: CSAdam(depth=1, compression=1.0, min_rows=1)",
     "catchup": "exact lazy Adam + catch_up=True",
     "csadam": "CSAdam() defaults (lazy, sketched 2nd moment of large embeddings)",
@@ -60,6 +67,8 @@ def make_optimizer(name, lr, clipnorm):
     lossless = dict(depth=1, compression=1.0, min_rows=1)
     if name == "adam":
         return keras.optimizers.Adam(lr, **kw)
+    if name == "dense":
+        return _DenseAdam(lr, **kw)
     if name == "lazy":
         return keras_sketch.CSAdam(lr, **lossless, **kw)
     if name == "catchup":
@@ -67,6 +76,25 @@ def make_optimizer(name, lr, clipnorm):
     if name == "csadam":
         return keras_sketch.CSAdam(lr, **kw)
     raise ValueError(f"`--configs` entries must be in {CONFIGS}, got {name!r}.")
+
+
+def _dense_adam_class():
+    import keras
+    import tensorflow as tf
+
+    class DenseAdam(keras.optimizers.Adam):
+        """Keras Adam on the dense form of every gradient (sums duplicate ids)."""
+
+        def update_step(self, gradient, variable, learning_rate):
+            if isinstance(gradient, tf.IndexedSlices):
+                gradient = tf.convert_to_tensor(gradient)
+            return super().update_step(gradient, variable, learning_rate)
+
+    return DenseAdam
+
+
+def _DenseAdam(lr, **kw):
+    return _dense_adam_class()(lr, **kw)
 
 
 def train(task, setup, s, name, lr, seed, evals, clipnorm):

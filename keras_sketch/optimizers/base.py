@@ -480,8 +480,10 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         stamp = tf.fill(tf.shape(ids), now)
         if valid is None:
             counter.assign(stamp)
-        else:  # a maximum: padding entries (id 0, stamp 0) cannot overwrite row 0
-            counter.scatter_nd_max(ids[:, None], tf.where(valid, stamp, tf.zeros_like(stamp)))
+        else:  # entries that are no real rows keep their stamp; XLA's (all id 0) agree with a real row 0
+            row_zero = tf.equal(ids, 0)
+            touched = valid | (row_zero & tf.reduce_any(valid & row_zero))
+            counter.scatter_nd_update(ids[:, None], tf.where(touched, stamp, last))
         return missed
 
     def _learning_rate_at(self, lr):
