@@ -15,7 +15,11 @@ a shared learning-rate grid with
 * ``lazy``: exact lazy Adam, ``CSAdam(depth=1, compression=1.0, min_rows=1)``
   (nothing sketched: only the laziness differs from Keras Adam);
 * ``catchup``: the same with ``catch_up=True`` (rows replay their missed
-  decay and steps when next touched: Keras Adam's result on every touched row);
+  decay and steps when next touched: dense Adam's result on every touched
+  row), and ``optimizer.catch_up_all()`` before each evaluation (every row
+  brought up to date: dense Adam's weights);
+* ``catchup_noflush``: ``catch_up=True`` evaluated without ``catch_up_all()``
+  (rows not touched since their last step lack their pending moves);
 * ``csadam``: ``CSAdam()`` with its defaults (sketched 2nd moment of large
   embeddings, lazy).
 
@@ -42,12 +46,14 @@ import budget_study
 import common
 
 OUT = common.RESULTS_DIR / "lazy_study.json"
-CONFIGS = ["adam", "dense", "lazy", "catchup", "csadam"]
+CONFIGS = ["adam", "dense", "lazy", "catchup", "catchup_noflush", "csadam"]
+DEFAULT_CONFIGS = ["adam", "dense", "lazy", "catchup", "csadam"]
 DESCRIPTIONS = {
     "adam": "Keras Adam (dense; squares each slice of a sparse gradient, duplicates unmerged)",
     "dense": "Keras Adam on the densified gradient (dense Adam, duplicate ids summed first)",
     "lazy": "exact lazy Adam: CSAdam(depth=1, compression=1.0, min_rows=1)",
-    "catchup": "exact lazy Adam + catch_up=True",
+    "catchup": "exact lazy Adam + catch_up=True, catch_up_all() before each evaluation",
+    "catchup_noflush": "exact lazy Adam + catch_up=True, evaluated without catch_up_all()",
     "csadam": "CSAdam() defaults (lazy, sketched 2nd moment of large embeddings)",
 }
 TASKS = {
@@ -71,7 +77,7 @@ def make_optimizer(name, lr, clipnorm):
         return _DenseAdam(lr, **kw)
     if name == "lazy":
         return keras_sketch.CSAdam(lr, **lossless, **kw)
-    if name == "catchup":
+    if name in ("catchup", "catchup_noflush"):
         return keras_sketch.CSAdam(lr, catch_up=True, **lossless, **kw)
     if name == "csadam":
         return keras_sketch.CSAdam(lr, **kw)
@@ -114,6 +120,8 @@ def train(task, setup, s, name, lr, seed, evals, clipnorm):
         h = model.fit(x[done * batch:(done + n) * batch], y[done * batch:(done + n) * batch], batch_size=batch,
                       epochs=1, shuffle=task == "recsys", verbose=0)
         losses.append(float(h.history["loss"][-1]))
+        if name == "catchup":
+            optimizer.catch_up_all()
         scores.append(evaluate(model))
         done += n
     finite = [v for v in scores if math.isfinite(v)]
@@ -191,7 +199,7 @@ def report(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="recsys")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     p.add_argument("--lrs", default="", help="comma-separated subset of the task's grid")
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=0, help="override the task's steps")

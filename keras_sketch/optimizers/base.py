@@ -467,15 +467,36 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             delta = self._step(g, StepState(slots), lr, t)
             variable.assign_sub(layout.unview(delta + missed))
 
-    def _catch_up_rows(self, index, state, ids, valid, lr):
+    def catch_up_all(self):
+        """With ``catch_up=True``: brings every row up to date now, applying
+        the decay and moves of the steps each row missed since it was last
+        touched (a dense operation on every table), so the weights equal
+        the dense optimizer's on *every* row, not only on touched ones.
+        Call it before evaluating, exporting or saving weights for use
+        without the optimizer; training continues correctly afterwards.
+        Does nothing with ``catch_up=False`` or before the first step."""
+        if not self.catch_up or not self.built:
+            return
+        lr = tf.convert_to_tensor(self.learning_rate)
+        for index, variable in enumerate(self._trainable_variables):
+            layout, dtype = self._layouts[index], variable.dtype
+            ids = tf.range(layout.rows, dtype=tf.int64)
+            rows = Rows(ids, tf.ones([layout.rows, 1], dtype))
+            missed = self._catch_up_rows(index, StepState(self._slots[index], rows), ids, None,
+                                         tf.cast(lr, dtype), done=True)
+            variable.assign_sub(layout.unview(missed))
+
+    def _catch_up_rows(self, index, state, ids, valid, lr, done=False):
         """Applies the steps rows ``ids`` missed since they were last touched
         (``_catch_up``), records this step as their last, and returns the
         missed weight move (``[k, dim]``).  ``valid`` (bool ``[k]`` or None)
-        marks real rows: padding and left-out rows are not recorded."""
+        marks real rows: padding and left-out rows are not recorded.  With
+        ``done`` the rows are brought up to the last completed step instead
+        of the one being taken (``catch_up_all``)."""
         counter = tf_variable(self._last_step[index])
-        now = tf.cast(self.iterations, tf.int64) + 1
+        now = tf.cast(self.iterations, tf.int64) + (0 if done else 1)
         last = tf.gather(tf.convert_to_tensor(counter), ids) if valid is None else counter.sparse_read(ids)
-        skipped = (now - 1 - last)[:, None]
+        skipped = (now - (0 if done else 1) - last)[:, None]
         missed = self._catch_up(state, tf.cast(last, lr.dtype)[:, None], skipped, self._learning_rate_at(lr))
         stamp = tf.fill(tf.shape(ids), now)
         if valid is None:
