@@ -20,15 +20,17 @@ def itemsize(dtype):
     return tf.as_dtype(dtype).size
 
 
-def variable_row(var, var_plan, slots, params, exact_slot_count):
+def variable_row(var, var_plan, slots, params, exact_slot_count, counter=None):
     """One report row: the state of ``var`` (built from ``var_plan``, a
-    ``keras_sketch.plan.VariablePlan``) against the exact optimizer's."""
+    ``keras_sketch.plan.VariablePlan``) against the exact optimizer's;
+    ``counter``: ``catch_up``'s per-row step counter, counted as extra."""
     return state_row(
         var,
         {name: (slot.kind, slot.variables if hasattr(slot, "variables") else slot.table) for name, slot in slots.items()},
         "sketched" if var_plan.sketched else "exact",
         exact_slot_count,
-        extra_bytes=0 if params is None else _nbytes(params.shape, "int64"),
+        extra_bytes=(0 if params is None else _nbytes(params.shape, "int64"))
+        + (0 if counter is None else _nbytes(counter.shape, counter.dtype)),
         hashed_axis=var_plan.hashed_axis,
         dropped=var_plan.dropped,
         path=var_plan.path,

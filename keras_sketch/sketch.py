@@ -237,6 +237,15 @@ class Sketch:
         indices = self._indices(loc)
         self._variable().scatter_nd_update(indices, tf.maximum(self._gather(indices), source._gather(indices)))
 
+    def scale_at(self, loc, factor):
+        """``S[loc] <- factor * S[loc]`` (``factor`` ``[k, 1]``), for the
+        identity map only: a hashed bucket holds several rows, which a row's
+        factor must not scale (``catch_up`` needs exact state)."""
+        if not self.identity:
+            raise ValueError("Rows of a hashed sketch cannot be scaled one by one (their buckets are shared).")
+        indices = self._indices(loc)
+        self._variable().scatter_nd_update(indices, self._gather(indices) * factor[None])
+
     def max_all(self, source):
         """``S <- max(S, source)`` bucket by bucket, the whole table."""
         self._variable().assign(tf.maximum(self._tensor(), source._tensor()))

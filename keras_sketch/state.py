@@ -22,6 +22,8 @@ estimate without changing it (read before the update: the previous value,
 which Lion's step needs).  docs/extending.md shows how an optimizer uses them.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -60,6 +62,10 @@ class ExactState:
 
     def scale(self, factor):
         self._variable().assign(self._tensor() * tf.cast(factor, self.table.dtype))
+
+    def scale_at(self, loc, factor):
+        """``X[loc] <- factor * X[loc]`` (``factor`` ``[k, 1]``)."""
+        self._variable().scatter_nd_update(loc[:, None], self.query(loc) * factor)
 
     def max_at(self, loc, source):
         """``X[loc] <- max(X[loc], source[loc])`` (``source``: exact, same shape)."""
@@ -256,3 +262,61 @@ class Layout:
         else:
             index = tf.transpose(tf.unravel_index(ids, self.shape[:-1]))
             variable.scatter_nd_sub(index, delta)
+
+
+# -- catch-up of lazy rows (``catch_up=True``) ----------------------------------------
+#
+# A row a sparse step skips sees, in the dense optimizer, a zero gradient: its
+# moments decay and, while its 1st moment is non-zero, its weight keeps moving.
+# With ``catch_up`` these missed steps are applied when the row is next
+# touched, before its own step, from the number of steps it skipped (a per-row
+# counter of the last step that touched it).  The optimizers write what a
+# missed step does (``_catch_up``); these helpers carry it out.
+
+FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def decay_rows(state, name, factor):
+    """``X[rows] <- factor * X[rows]`` on slot ``name`` (``factor`` per row,
+    ``[k, 1]``): the missed decays of the step's rows.  Written as a product
+    (``scale_at``), not as the additive delta ``(factor - 1) * X``, which
+    would leave an error of X's rounding after a long decay.  Entries that
+    are not real rows keep factor 1, except XLA's padding and left-out
+    entries, which all carry id 0 and row 0's own factor: when row 0 is a
+    real row of the step they must write the same value as it."""
+    rows = state.rows
+    real = rows.mask > 0
+    row_zero = tf.equal(rows.ids, 0)[:, None]
+    zero_touched = tf.reduce_any(real & row_zero)
+    factor = tf.where(real | (row_zero & zero_touched), factor, tf.ones_like(factor))
+    slot = state.slots[name]
+    slot.scale_at(slot.locate(rows.ids), factor)
+
+
+def missed_sum(term, skipped, cap, like):
+    """``sum_{j=1}^{min(skipped, cap)} term(j)`` per row.
+
+    ``term(j)`` (``j`` a float scalar) is the ``[k, dim]`` weight move of each
+    row's ``j``-th missed step; ``skipped`` ``[k, 1]`` int64 the number of
+    steps each row missed; ``like`` a ``[k, dim]`` tensor of the result's
+    shape and dtype.  A bounded loop (``tf.while_loop``, also under XLA):
+    ``min(max(skipped), cap)`` iterations of ``k x dim`` work.
+    """
+    n = tf.minimum(tf.reduce_max(tf.concat([[0], tf.reshape(skipped, [-1])], 0)), cap)
+
+    def body(j, total):
+        move = term(tf.cast(j, like.dtype))
+        return j + 1, total + tf.where(j <= skipped, move, tf.zeros_like(move))
+
+    _, total = tf.while_loop(lambda j, _: j <= n, body, (tf.constant(1, tf.int64), tf.zeros_like(like)))
+    return total
+
+
+def geometric_cap(ratio, spread=1.0, tolerance=FLOAT32_ROUNDOFF):
+    """The number of missed steps ``J`` after which the remaining moves sum
+    to at most ``tolerance`` times the first missed move, when the ``j``-th
+    move is at most ``spread * ratio^(j-1)`` times the first:
+    ``spread * ratio^J / (1 - ratio) <= tolerance``.  ``ratio`` in [0, 1)."""
+    if ratio <= 0.0:
+        return 1
+    return max(1, int(math.ceil(math.log(tolerance * (1.0 - ratio) / spread) / math.log(ratio))))

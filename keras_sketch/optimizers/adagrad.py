@@ -31,6 +31,9 @@ class CSAdagrad(SketchOptimizer):
         )
         self.epsilon = float(check_number("epsilon", epsilon, 0.0))
 
+    _no_catch_up = ("a zero gradient leaves Adagrad's accumulator and weights unchanged, so its lazy "
+                    "sparse updates already equal dense Adagrad's")
+
     def _slot_kinds(self):
         return {"v": (COUNT_MIN, self.initial_accumulator_value)}
 

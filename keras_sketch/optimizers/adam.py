@@ -1,6 +1,9 @@
 """CSAdam: Adam with count-sketch state (the paper's Algorithm 4)."""
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_sketch.optimizers.base import (
@@ -12,6 +15,7 @@ from keras_sketch.optimizers.base import (
     check_number,
     moment_kind,
 )
+from keras_sketch.state import decay_rows, geometric_cap, missed_sum
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -58,6 +62,8 @@ class CSAdam(SketchOptimizer):
         self.epsilon = float(check_number("epsilon", epsilon, 0.0))
         self.amsgrad = check_bool("amsgrad", amsgrad)
         self.first_moment = check_moment_option(first_moment)
+        if self.catch_up:
+            self._catch_up_cap = adam_catch_up_cap(self.beta_1, self.beta_2)
 
     @property
     def _exact_slot_count(self):
@@ -91,6 +97,30 @@ class CSAdam(SketchOptimizer):
             v = state.running_max("vhat", "v")
         return self._step_size(lr, t, state.has("m")) * m / (tf.sqrt(v) + self.epsilon)
 
+    def _catch_up(self, state, last, skipped, lr_at):
+        """A missed step has a zero gradient: ``m`` and ``v`` decay by
+        ``beta_1^s``, ``beta_2^s`` and the weight moves by
+        ``sum_j step_size(last + j) * beta_1^j m / (sqrt(beta_2^j v) + eps)``
+        (``vhat`` with amsgrad: it keeps its maximum while ``v`` decays);
+        ``m`` and ``v`` as the row's last step left them.  The sum runs over
+        at most ``_catch_up_cap`` missed steps (``adam_catch_up_cap``)."""
+        s = tf.cast(skipped, last.dtype)
+        if state.has("m"):
+            m, v = state.read("m"), state.read("vhat" if self.amsgrad else "v")
+            beta_1, beta_2 = (tf.cast(b, m.dtype) for b in (self.beta_1, self.beta_2))
+
+            def term(j):
+                second = v if self.amsgrad else tf.pow(beta_2, j) * v
+                size = self._step_size(lr_at(last + j), last + j)
+                return size * tf.math.divide_no_nan(tf.pow(beta_1, j) * m, tf.sqrt(second) + self.epsilon)
+
+            move = missed_sum(term, skipped, self._catch_up_cap, m)
+            decay_rows(state, "m", tf.pow(beta_1, s))
+        else:  # no 1st moment: a zero gradient moves nothing
+            move = 0.0
+        decay_rows(state, "v", tf.pow(tf.cast(self.beta_2, last.dtype), s))
+        return move
+
     def _step_size(self, lr, t, first_moment=True):
         """``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``: Keras's bias correction."""
         beta_1_power = tf.pow(tf.cast(self.beta_1 if first_moment else 0.0, lr.dtype), t)
@@ -113,3 +143,41 @@ class CSAdam(SketchOptimizer):
             }
         )
         return config
+
+
+def adam_catch_up_cap(beta_1, beta_2):
+    """How many missed steps ``catch_up`` replays: the moves of later ones sum
+    to less than float32's unit roundoff (2^-24) of a row's missed move.
+
+    The ``j``-th missed move is ``c(t0 + j) lr * beta_1^j m / (sqrt(beta_2^j
+    v) + eps)`` with ``c(t) = sqrt(1 - beta_2^t) / (1 - beta_1^t)``.  All have
+    the sign of ``m``; relative to the first one each is at most ``C *
+    r^(j-1)`` with ``r = beta_1 / sqrt(beta_2)`` (epsilon only shrinks later
+    moves relative to the first) and ``C`` the largest ratio ``c(t') / c(t)``,
+    ``t' > t``, for a learning rate that does not grow over the gap.  The
+    tail after ``J`` steps is then at most ``C r^J / (1 - r)`` of the first
+    move; ``J`` makes it at most 2^-24 (beta_1=0.9, beta_2=0.999: 199 steps).
+    Needs ``beta_1^2 < beta_2`` (else later moves need not shrink).
+    """
+    ratio = beta_1 / math.sqrt(beta_2)
+    if ratio >= 1.0:
+        raise ValueError(
+            f"`catch_up=True` needs beta_1**2 < beta_2 (got beta_1={beta_1}, beta_2={beta_2}): "
+            "otherwise a row's missed moves do not shrink and cannot be summed in bounded work."
+        )
+    if beta_1 == 0.0:
+        return 1
+    t = np.arange(1, 200_001, dtype=np.float64)
+    c = np.sqrt(-np.expm1(t * math.log(beta_2))) / -np.expm1(t * math.log(beta_1))
+    later_max = np.maximum.accumulate(c[::-1])[::-1]  # max over t' >= t
+    spread = float(max(1.0, np.max(later_max / c)))
+    cap = geometric_cap(ratio, spread)
+    if cap > MAX_CATCH_UP_STEPS:
+        raise ValueError(
+            f"`catch_up=True` with beta_1={beta_1}, beta_2={beta_2} would replay {cap} missed steps "
+            f"per row (more than {MAX_CATCH_UP_STEPS}): beta_1 / sqrt(beta_2) is too close to 1."
+        )
+    return cap
+
+
+MAX_CATCH_UP_STEPS = 20_000

@@ -23,7 +23,7 @@ from keras_sketch.layers import warn_if_read_whole
 from keras_sketch.optimizers import describe, state_spec
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
-from keras_sketch.tf_internals import in_xla_context, variable_path
+from keras_sketch.tf_internals import in_xla_context, tf_variable, variable_path
 
 HASH_AXES = ("auto", "first", "last")
 MAX_DEPTH = 8
@@ -264,10 +264,14 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         cleaning_interval=0,
         fused=None,
         state_budget=None,
+        catch_up=False,
         name=None,
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.catch_up = check_bool("catch_up", catch_up)
+        if self.catch_up and type(self)._catch_up is SketchOptimizer._catch_up:
+            raise ValueError(f"`catch_up` is not available for {type(self).__name__}: {self._no_catch_up}.")
         self.depth = check_int("depth", depth, 1, MAX_DEPTH)
         self.compression = float(check_number("compression", compression, 0.0, 1.0, low_open=True))
         self.width = None if width is None else check_int("width", width, 1)
@@ -305,6 +309,19 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         """Update math: returns what to subtract from the variable's rows."""
         raise NotImplementedError
 
+    # Why ``catch_up`` is not offered, for optimizers without ``_catch_up``.
+    _no_catch_up = "it has no catch-up rule"
+
+    def _catch_up(self, state, last, skipped, lr_at):
+        """The missed steps of the step's rows (``catch_up=True``), before
+        their own step: decays their slots as ``skipped`` ``[k, 1]`` steps
+        with a zero gradient would (steps ``last + 1 .. last + skipped``,
+        ``last`` ``[k, 1]`` the step that last touched each row) and returns
+        the weight move those steps make (``[k, dim]``, to subtract).
+        ``lr_at(t)`` is the learning rate of step(s) ``t``."""
+        raise NotImplementedError
+
+
     # -- state ---------------------------------------------------------------
     # Slots the update math can run without (``state_budget`` drops them first).
     _droppable_slots = ()
@@ -317,13 +334,16 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         if self.built:
             return
         self._check_variables(var_list)
+        plans = self._make_plans(var_list)
+        if self.catch_up:
+            _check_exact_for_catch_up(var_list, plans)
         super().build(var_list)
         self._plans = [
             dataclasses.replace(p, **dict(zip(("fused", "fused_reason"), self._path(p, v))))
-            for p, v in zip(self._make_plans(var_list), var_list)
+            for p, v in zip(plans, var_list)
         ]
         self.dropped_slots = tuple(sorted({n for p in self._plans for n in p.dropped}))
-        self._layouts, self._slots, self._memory_rows = [], [], []
+        self._layouts, self._slots, self._memory_rows, self._last_step = [], [], [], []
         for index, (var, var_plan) in enumerate(zip(var_list, self._plans)):
             fused_op.log_choice(self, var, var_plan.fused, var_plan.fused_reason)
             self._build_variable_state(index, var, var_plan)
@@ -352,7 +372,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
 
     def _path(self, var_plan, var):
         """``(fused, reason)``: whether the fused op can run this variable's step."""
-        option = self._fused_unsupported()
+        option = "catch_up" if self.catch_up else self._fused_unsupported()
         if option:
             return False, f"{option}: the fused op has no kernel for it"
         if set(FACTORED_KINDS) & set(var_plan.compressed_kinds):
@@ -391,10 +411,14 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             else:
                 table = self._add_state_variable(var, slot.name, slot.shape, init)
                 slots[slot.name] = ExactState(table)
+        counter = None
+        if self.catch_up:  # the step that last touched each row (0: none yet)
+            counter = self._add_state_variable(var, "last_step", (layout.rows,), "zeros", "int64")
+        self._last_step.append(counter)
         self._layouts.append(layout)
         self._slots.append(slots)
         self._memory_rows.append(
-            memory.variable_row(var, var_plan, slots, params, self._exact_slot_count)
+            memory.variable_row(var, var_plan, slots, params, self._exact_slot_count, counter)
         )
 
     # -- the step --------------------------------------------------------------
@@ -430,16 +454,74 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 fused_op.apply_sparse(self, layout, slots, variable, ids, values, valid, lr, t)
                 return
             mask = tf.cast(valid, dtype)[:, None]
-            delta = self._step(values, StepState(slots, Rows(ids, mask)), lr, t)
-            layout.scatter_sub(variable, ids, mask * delta)
+            state = StepState(slots, Rows(ids, mask))
+            missed = self._catch_up_rows(index, state, ids, valid, lr) if self.catch_up else 0.0
+            delta = self._step(values, state, lr, t)
+            layout.scatter_sub(variable, ids, mask * (delta + missed))
         else:
             g, finite = guard.finite_rows(layout.view(tf.cast(gradient, dtype)))
             guard.report_dropped(variable, finite)
             if fused:
                 fused_op.apply_dense(self, layout, slots, variable, g, lr, t)
                 return
+            missed = 0.0
+            if self.catch_up:  # every row is touched: all catch up (through the row path)
+                ids = tf.range(layout.rows, dtype=tf.int64)
+                rows = Rows(ids, tf.ones([layout.rows, 1], dtype))
+                missed = self._catch_up_rows(index, StepState(slots, rows), ids, None, lr)
             delta = self._step(g, StepState(slots), lr, t)
-            variable.assign_sub(layout.unview(delta))
+            variable.assign_sub(layout.unview(delta + missed))
+
+    def catch_up_all(self):
+        """With ``catch_up=True``: brings every row up to date now, applying
+        the decay and moves of the steps each row missed since it was last
+        touched (a dense operation on every table), so the weights equal
+        the dense optimizer's on *every* row, not only on touched ones.
+        Call it before evaluating, exporting or saving weights for use
+        without the optimizer; training continues correctly afterwards.
+        Does nothing with ``catch_up=False`` or before the first step."""
+        if not self.catch_up or not self.built:
+            return
+        lr = tf.convert_to_tensor(self.learning_rate)
+        for index, variable in enumerate(self._trainable_variables):
+            layout, dtype = self._layouts[index], variable.dtype
+            ids = tf.range(layout.rows, dtype=tf.int64)
+            rows = Rows(ids, tf.ones([layout.rows, 1], dtype))
+            missed = self._catch_up_rows(index, StepState(self._slots[index], rows), ids, None,
+                                         tf.cast(lr, dtype), done=True)
+            variable.assign_sub(layout.unview(missed))
+
+    def _catch_up_rows(self, index, state, ids, valid, lr, done=False):
+        """Applies the steps rows ``ids`` missed since they were last touched
+        (``_catch_up``), records this step as their last, and returns the
+        missed weight move (``[k, dim]``).  ``valid`` (bool ``[k]`` or None)
+        marks real rows: padding and left-out rows are not recorded.  With
+        ``done`` the rows are brought up to the last completed step instead
+        of the one being taken (``catch_up_all``)."""
+        counter = tf_variable(self._last_step[index])
+        now = tf.cast(self.iterations, tf.int64) + (0 if done else 1)
+        last = tf.gather(tf.convert_to_tensor(counter), ids) if valid is None else counter.sparse_read(ids)
+        skipped = (now - (0 if done else 1) - last)[:, None]
+        missed = self._catch_up(state, tf.cast(last, lr.dtype)[:, None], skipped, self._learning_rate_at(lr))
+        stamp = tf.fill(tf.shape(ids), now)
+        if valid is None:
+            counter.assign(stamp)
+        else:  # entries that are no real rows keep their stamp; XLA's (all id 0) agree with a real row 0
+            row_zero = tf.equal(ids, 0)
+            touched = valid | (row_zero & tf.reduce_any(valid & row_zero))
+            counter.scatter_nd_update(ids[:, None], tf.where(touched, stamp, last))
+        return missed
+
+    def _learning_rate_at(self, lr):
+        """``lr_at(t)``: the learning rate step(s) ``t`` (1-based, a float
+        tensor) used.  A ``LearningRateSchedule`` is evaluated at their
+        iterations ``t - 1`` (it must accept a tensor of steps, as Keras's
+        built-in decays do); a float or callable learning rate is taken as
+        constant over the missed steps: this step's ``lr``."""
+        schedule = self._learning_rate
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            return lambda t: tf.cast(schedule(t - 1.0), lr.dtype)
+        return lambda t: lr
 
     def _maybe_clean(self, slots):
         if not self.cleaning_interval or self.cleaning_factor == 1.0:
@@ -480,6 +562,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 "cleaning_interval": self.cleaning_interval,
                 "fused": self.fused,
                 "state_budget": self.state_budget,
+                "catch_up": self.catch_up,
             }
         )
         return config
@@ -490,6 +573,23 @@ class _Observers:
 
     def __init__(self):
         self.fns = []
+
+
+def _check_exact_for_catch_up(var_list, plans):
+    """``catch_up`` replays a row's missed steps from its own state, which
+    only exact (per-row) state has: a sketch bucket or a factored estimate
+    mixes rows that skipped different numbers of steps."""
+    for var, var_plan in zip(var_list, plans):
+        if var_plan.sketched:
+            kinds = ", ".join(var_plan.compressed_kinds)
+            raise ValueError(
+                f"`catch_up=True` needs exact per-row state, but variable {variable_path(var)!r} "
+                f"{tuple(var.shape)} would keep {kinds} state (width {var_plan.width} < "
+                f"{var_plan.layout.rows} rows, or factored): its rows share buckets and cannot catch "
+                "up separately. Use a lossless configuration (depth=1, compression=1.0 or "
+                "width >= rows, or min_rows above the variable's rows; no state_budget below 1), "
+                "or catch_up=False."
+            )
 
 
 def _filled(value):

@@ -67,9 +67,19 @@ SKETCH_ARGS_DOC = """
             then chooses what to keep, sketch or drop (``keras_sketch/plan.py``;
             not combinable with ``compression``, ``width``, ``min_rows``,
             ``hash_axis``).
+        catch_up: ``False`` (default): sparse steps are lazy, rows a step
+            does not touch keep their state and weights.  ``True``: when a
+            row is next touched, it first gets the decay and weight moves of
+            the steps it missed (zero-gradient steps of the dense optimizer),
+            from a per-row counter of the step that last touched it (int64,
+            8 bytes a row, saved with the state).  Needs exact state
+            (lossless configuration; ``ValueError`` at build otherwise) and
+            runs in TensorFlow, not the fused op.  CSAdam, CSMomentum and
+            CSRMSprop; docs/sparse_training.md, "Lazy updates".
         With ``depth=1, compression=1.0, min_rows=1`` the update is exactly
-        the Keras optimizer's (sparse gradients: when every row is touched;
-        untouched rows are updated lazily).
+        the Keras optimizer's (sparse gradients: when every row is touched,
+        or on every touched row with ``catch_up=True``; untouched rows are
+        updated lazily).
 """
 
 

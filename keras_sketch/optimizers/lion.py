@@ -44,6 +44,8 @@ class CSLion(SketchOptimizer):
         self.beta_1 = float(check_number("beta_1", beta_1, 0.0, 1.0, low_open=True))
         self.beta_2 = check_beta("beta_2", beta_2)
 
+    _no_catch_up = "not implemented (a missed Lion step would move the row by lr * sign(m), every step)"
+
     def _slot_kinds(self):
         return {"m": (COUNT_SKETCH, 0.0)}
 

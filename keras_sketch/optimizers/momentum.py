@@ -1,8 +1,10 @@
 """CSMomentum: SGD with count-sketch momentum (Algorithm 2)."""
 
 import keras
+import tensorflow as tf
 
 from keras_sketch.optimizers.base import COUNT_SKETCH, SketchOptimizer, check_bool, check_number
+from keras_sketch.state import decay_rows, geometric_cap, missed_sum
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -28,6 +30,12 @@ class CSMomentum(SketchOptimizer):
         except ValueError:  # in Keras's SGD's words
             raise ValueError(f"`momentum` must be a float between [0, 1], got {momentum!r}.") from None
         self.nesterov = check_bool("nesterov", nesterov)
+        if self.catch_up:
+            if self.momentum >= 1.0:
+                raise ValueError("`catch_up=True` needs momentum < 1: with momentum=1 a row's missed moves "
+                                 "never shrink and cannot be summed in bounded work.")
+            # The j-th missed move is momentum^(j-1) times the first (constant or decaying lr).
+            self._catch_up_cap = geometric_cap(self.momentum)
 
     @property
     def _exact_slot_count(self):
@@ -44,6 +52,25 @@ class CSMomentum(SketchOptimizer):
             return lr * g
         m = state.accumulate("m", g, decay=self.momentum)
         return lr * (g + self.momentum * m if self.nesterov else m)
+
+    def _catch_up(self, state, last, skipped, lr_at):
+        """A missed step has a zero gradient: ``m`` decays by ``momentum^s``
+        and the weight moves by ``sum_j lr(last + j) * momentum^j m``
+        (Nesterov: ``momentum^(j+1) m``), over at most ``_catch_up_cap``
+        steps (the rest sum to under 2^-24 of the move for a non-increasing
+        learning rate)."""
+        if not state.has("m"):
+            return 0.0
+        m = state.read("m")
+        mu = tf.cast(self.momentum, m.dtype)
+        extra = mu if self.nesterov else 1.0
+
+        def term(j):
+            return lr_at(last + j) * extra * tf.pow(mu, j) * m
+
+        move = missed_sum(term, skipped, self._catch_up_cap, m)
+        decay_rows(state, "m", tf.pow(mu, tf.cast(skipped, m.dtype)))
+        return move
 
     _fused_kind = "momentum"
 

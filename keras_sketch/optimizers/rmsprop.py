@@ -11,6 +11,7 @@ from keras_sketch.optimizers.base import (
     check_number,
     moment_kind,
 )
+from keras_sketch.state import decay_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_sketch")
@@ -77,6 +78,24 @@ class CSRMSprop(SketchOptimizer):
         if self.momentum > 0:
             return state.accumulate("m", increment, decay=self.momentum)
         return increment
+
+    def _catch_up(self, state, last, skipped, lr_at):
+        """A missed step has a zero gradient, hence a zero increment: ``v``
+        (and ``mg``) decay by ``rho^s``; with momentum, ``m`` decays by
+        ``momentum^s`` and the weight moves by ``sum_{j=1..s} momentum^j m``
+        (closed form; the learning rate is already inside ``m``)."""
+        s = tf.cast(skipped, last.dtype)
+        rho = tf.cast(self.rho, last.dtype)
+        decay_rows(state, "v", tf.pow(rho, s))
+        if self.centered:
+            decay_rows(state, "mg", tf.pow(rho, s))
+        if self.momentum == 0:
+            return 0.0
+        m = state.read("m")
+        mu = tf.cast(self.momentum, m.dtype)
+        total = s if self.momentum == 1.0 else mu * (1.0 - tf.pow(mu, s)) / (1.0 - mu)
+        decay_rows(state, "m", tf.pow(mu, s))
+        return total * m
 
     _fused_kind = "rmsprop"
 
