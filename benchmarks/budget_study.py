@@ -274,13 +274,17 @@ def plan_signature(setup, name, lr, clipnorm):
                                   for r in rows]))
 
 
-def train(task, setup, s, name, lr, seed, evals, clipnorm):
+def train(task, setup, s, name, lr, seed, evals, clipnorm, make=None, after_chunk=None):
+    """One run: ``evals`` chunks of ``model.fit``, the held-out score after
+    each.  ``make(name, lr, clipnorm)`` builds the optimizer (default: this
+    study's ``make_optimizer``); ``after_chunk(optimizer)`` runs before each
+    evaluation (lazy_study flushes catch-up rows there)."""
     import keras
 
     build, loss, (x, y), evaluate, _ = setup
     keras.utils.set_random_seed(seed)
     model = build()
-    optimizer = make_optimizer(name, lr, clipnorm)
+    optimizer = (make or make_optimizer)(name, lr, clipnorm)
     model.compile(optimizer=optimizer, loss=loss)
     batch, steps = s["batch"], s["steps"]
     x, y = _repeat([x, y], steps * batch)
@@ -293,6 +297,8 @@ def train(task, setup, s, name, lr, seed, evals, clipnorm):
         h = model.fit(x[done * batch:(done + n) * batch], y[done * batch:(done + n) * batch], batch_size=batch,
                       epochs=1, shuffle=task in ("cnn", "recsys"), verbose=0)
         losses.append(float(h.history["loss"][-1]))
+        if after_chunk is not None:
+            after_chunk(optimizer)
         scores.append(evaluate(model))
         done += n
     seconds = time.perf_counter() - start

@@ -38,9 +38,7 @@ Results: benchmarks/results/lazy_study.json (one entry per task, config, lr, see
 """
 
 import argparse
-import math
 import sys
-import time
 
 import budget_study
 import common
@@ -104,29 +102,10 @@ def _DenseAdam(lr, **kw):
 
 
 def train(task, setup, s, name, lr, seed, evals, clipnorm):
-    import keras
-
-    build, loss, (x, y), evaluate, _ = setup
-    keras.utils.set_random_seed(seed)
-    model = build()
-    optimizer = make_optimizer(name, lr, clipnorm)
-    model.compile(optimizer=optimizer, loss=loss)
-    batch, steps = s["batch"], s["steps"]
-    x, y = budget_study._repeat([x, y], steps * batch)
-    scores, losses, chunk, done = [], [], -(-steps // evals), 0
-    start = time.perf_counter()
-    while done < steps:
-        n = min(chunk, steps - done)
-        h = model.fit(x[done * batch:(done + n) * batch], y[done * batch:(done + n) * batch], batch_size=batch,
-                      epochs=1, shuffle=task == "recsys", verbose=0)
-        losses.append(float(h.history["loss"][-1]))
-        if name == "catchup":
-            optimizer.catch_up_all()
-        scores.append(evaluate(model))
-        done += n
-    finite = [v for v in scores if math.isfinite(v)]
-    return dict(score=min(finite) if finite else float("inf"), scores=scores, train_loss=losses,
-                seconds=time.perf_counter() - start, steps=int(optimizer.iterations.numpy()))
+    """budget_study's run with this study's optimizers; catch-up rows are
+    brought up to date (``catch_up_all``) before each evaluation."""
+    flush = (lambda optimizer: optimizer.catch_up_all()) if name == "catchup" else None
+    return budget_study.train(task, setup, s, name, lr, seed, evals, clipnorm, make=make_optimizer, after_chunk=flush)
 
 
 def summary(t):

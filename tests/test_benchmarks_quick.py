@@ -125,3 +125,20 @@ def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
             assert r == (rows or 5), name
             floats = r * c + (P_CANDIDATES * k if kw["mode"] == "two_round" else 0)
             assert 0.9 * ratio <= d / floats <= 1.1 * ratio, (name, r, c, k)
+
+
+def test_lazy_study_quick_runs_and_catch_up_tracks_dense_adam(tmp_path, monkeypatch):
+    """benchmarks/lazy_study.py at tiny size: every config trains through
+    budget_study's loop, and catch-up (flushed before each evaluation) lands
+    next to dense Adam, nearer than a loose bound."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import lazy_study
+
+    out = str(tmp_path / "lazy.json")
+    results = lazy_study.main(["--quick", "--configs", "dense,lazy,catchup", "--lrs", "0.03", "--out", out])
+    runs = results["tasks"]["recsys"]["runs"]
+    score = {name: runs[name]["0.03"]["0"]["score"] for name in ("dense", "lazy", "catchup")}
+    assert all(math.isfinite(v) for v in score.values()), score
+    assert abs(score["catchup"] - score["dense"]) <= 0.01 * score["dense"], score
