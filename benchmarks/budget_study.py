@@ -382,6 +382,19 @@ def summary(task, t):
     return float(adam_lr), rows
 
 
+def task_header(title, t, adam_lr):
+    """A task's heading, data, settings and commands lines (this study's
+    tables and lazy_study's)."""
+    settings = ", ".join(f"{k}={v}" for k, v in t["settings"].items())
+    return [
+        f"### {title}",
+        "",
+        f"Data: {t.get('data', '')}. Settings: {settings}. Keras Adam's best lr: {adam_lr:g}.",
+        "Commands: " + "; ".join(f"`{c}`" for c in t.get("commands", [])),
+        "",
+    ]
+
+
 def report(results):
     lines = [
         "## Budget study: quality versus optimizer state (benchmarks/budget_study.py)",
@@ -399,14 +412,7 @@ def report(results):
         adam_lr, rows = summary(task, t)
         if not rows:
             continue
-        s = t["settings"]
-        lines += [
-            f"### {task}: {metric} ({'higher' if higher else 'lower'} is better)",
-            "",
-            f"Data: {t.get('data', '')}. Settings: {', '.join(f'{k}={v}' for k, v in s.items())}. "
-            f"Keras Adam's best lr: {adam_lr:g}.",
-            "Commands: " + "; ".join(f"`{c}`" for c in t.get("commands", [])),
-            "",
+        lines += task_header(f"{task}: {metric} ({'higher' if higher else 'lower'} is better)", t, adam_lr) + [
             "| optimizer | state bytes | state / Adam | best lr | score at each lr | best | vs Adam | "
             "at Adam's lr | vs Adam at Adam's lr |",
             "|---|---:|---:|---:|---|---:|---:|---:|---:|",

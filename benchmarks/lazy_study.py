@@ -151,15 +151,7 @@ def report(results):
         adam_lr, rows = summary(t)
         if not rows:
             continue
-        metric = budget_study.TASKS[task][0]
-        s = t["settings"]
-        lines += [
-            f"### {task}: {metric}",
-            "",
-            f"Data: {t.get('data', '')}. Settings: {', '.join(f'{k}={v}' for k, v in s.items())}. "
-            f"Keras Adam's best lr: {adam_lr:g}.",
-            "Commands: " + "; ".join(f"`{c}`" for c in t.get("commands", [])),
-            "",
+        lines += budget_study.task_header(f"{task}: {budget_study.TASKS[task][0]}", t, adam_lr) + [
             "| optimizer | score at each lr | best lr | best | vs Adam | seeds | at Adam's lr | vs Adam at Adam's lr |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
