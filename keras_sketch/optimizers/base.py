@@ -321,7 +321,6 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         ``lr_at(t)`` is the learning rate of step(s) ``t``."""
         raise NotImplementedError
 
-
     # -- state ---------------------------------------------------------------
     # Slots the update math can run without (``state_budget`` drops them first).
     _droppable_slots = ()
@@ -466,8 +465,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 return
             missed = 0.0
             if self.catch_up:  # every row is touched: all catch up (through the row path)
-                ids = tf.range(layout.rows, dtype=tf.int64)
-                rows = Rows(ids, tf.ones([layout.rows, 1], dtype))
+                ids, rows = _every_row(layout, dtype)
                 missed = self._catch_up_rows(index, StepState(slots, rows), ids, None, lr)
             delta = self._step(g, StepState(slots), lr, t)
             variable.assign_sub(layout.unview(delta + missed))
@@ -485,8 +483,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         lr = tf.convert_to_tensor(self.learning_rate)
         for index, variable in enumerate(self._trainable_variables):
             layout, dtype = self._layouts[index], variable.dtype
-            ids = tf.range(layout.rows, dtype=tf.int64)
-            rows = Rows(ids, tf.ones([layout.rows, 1], dtype))
+            ids, rows = _every_row(layout, dtype)
             missed = self._catch_up_rows(index, StepState(self._slots[index], rows), ids, None,
                                          tf.cast(lr, dtype), done=True)
             variable.assign_sub(layout.unview(missed))
@@ -573,6 +570,13 @@ class _Observers:
 
     def __init__(self):
         self.fns = []
+
+
+def _every_row(layout, dtype):
+    """``(ids, Rows)`` of every row of a layout: the catch-up of a dense step
+    and of ``catch_up_all`` goes through the row path."""
+    ids = tf.range(layout.rows, dtype=tf.int64)
+    return ids, Rows(ids, tf.ones([layout.rows, 1], dtype))
 
 
 def _check_exact_for_catch_up(var_list, plans):
