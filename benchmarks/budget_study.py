@@ -152,8 +152,10 @@ def build_transformer(vocab, seq, d, heads, ffn, layers):
     import keras
 
     inputs = keras.Input((seq,), dtype="int32")
-    h = keras.layers.Embedding(vocab, d, name="embedding")(inputs)
-    positions = keras.layers.Embedding(seq, d, name="positions")(keras.ops.arange(seq)[None, :])
+    import keras_sketch
+
+    h = keras_sketch.layers.Embedding(vocab, d, name="embedding")(inputs)
+    positions = keras_sketch.layers.Embedding(seq, d, name="positions")(keras.ops.arange(seq)[None, :])
     h = h + positions
     for i in range(layers):
         a = keras.layers.LayerNormalization(name=f"ln_a{i}")(h)
@@ -170,6 +172,8 @@ def load_task(task, s, seed):
     """``(build_model, loss, (x, y), (tx, ty), evaluate, description)``."""
     import keras
     import numpy as np
+
+    import keras_sketch
 
     if task in ("lstm", "transformer"):
         from common import build_lm, lm_loss
@@ -239,10 +243,11 @@ def load_task(task, s, seed):
             ids = keras.Input((2,), dtype="int32")
             u, i = ids[:, 0], ids[:, 1]
             init = keras.initializers.RandomNormal(stddev=s["init"])  # off the saddle at 0
-            eu = keras.layers.Embedding(users, s["dim"], embeddings_initializer=init, name="user_embedding")(u)
-            ei = keras.layers.Embedding(items, s["dim"], embeddings_initializer=init, name="item_embedding")(i)
-            bu = keras.layers.Embedding(users, 1, name="user_bias")(u)
-            bi = keras.layers.Embedding(items, 1, name="item_bias")(i)
+            Embedding = keras_sketch.layers.Embedding  # gathers rows; catch_up reads them caught up
+            eu = Embedding(users, s["dim"], embeddings_initializer=init, name="user_embedding")(u)
+            ei = Embedding(items, s["dim"], embeddings_initializer=init, name="item_embedding")(i)
+            bu = Embedding(users, 1, name="user_bias")(u)
+            bi = Embedding(items, 1, name="item_bias")(i)
             out = keras.ops.sum(eu * ei, axis=1, keepdims=True) + bu + bi
             return keras.Model(ids, out)
 

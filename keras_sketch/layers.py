@@ -15,9 +15,15 @@ saving, masking, LoRA and quantization) except that the float forward pass
 gathers the rows from the variable itself (``ResourceGather``, via
 ``tf.gather`` on the resource variable), so it never reads the table whole.
 The gradient is the same ``tf.IndexedSlices`` Keras's layer produces.
+
+With an optimizer built with ``catch_up=True`` a training forward pass reads
+each row caught up (minus the moves it still owes for the steps it missed,
+``SketchOptimizer.pending_move``), so the model trains as with the dense
+optimizer; inference reads the table as it is.
 """
 
 import logging
+import weakref
 
 import keras
 import tensorflow as tf
@@ -73,13 +79,13 @@ class Embedding(keras.layers.Embedding):
         x = Embedding(4_000_000, 64)(ids)   # instead of keras.layers.Embedding
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = keras.ops.cast(inputs, "int32")
-        outputs = self._lookup(inputs)
+        outputs = self._lookup(inputs, bool(training) and not self.lora_enabled)
         return keras.ops.cast(outputs, dtype=self.compute_dtype)
 
-    def _lookup(self, inputs):
+    def _lookup(self, inputs, training=False):
         rows = self.input_dim
         fix = lambda i: tf.where(i < 0, i + tf.cast(rows, i.dtype), i)  # noqa: E731 - as ops.take
         if isinstance(inputs, tf.SparseTensor):
@@ -93,11 +99,15 @@ class Embedding(keras.layers.Embedding):
                 default_id=0,
             )
             outputs.set_shape(ids.shape + outputs.shape[len(ids.shape):])
+            if training:
+                outputs = _caught_up(self._embeddings, outputs, tf.sparse.to_dense(ids))
             return outputs
         if isinstance(inputs, tf.RaggedTensor):
-            return inputs.with_values(self._lookup(inputs.values))
+            return inputs.with_values(self._lookup(inputs.values, training))
         ids = fix(tf.convert_to_tensor(inputs))
         outputs = _gather(self._embeddings, ids)
+        if training:
+            outputs = _caught_up(self._embeddings, outputs, ids)
         if self.lora_enabled:
             delta = keras.ops.matmul(_gather(self.lora_embeddings_a, ids), self.lora_embeddings_b)
             outputs = keras.ops.cast(
@@ -110,6 +120,33 @@ class Embedding(keras.layers.Embedding):
         # this one changes only the float path, and quantized layers run
         # Keras's own quantized forward pass.
         return super().quantize(mode, type_check=False, config=config)
+
+
+def link_catch_up(variable, optimizer):
+    """Called by an optimizer with ``catch_up=True`` when it builds the state
+    of ``variable``: an ``Embedding`` owning that table then reads its rows
+    caught up while training (``_caught_up``).  A weak reference: the
+    table does not keep the optimizer alive."""
+    variable._keras_sketch_catch_up = weakref.ref(optimizer)
+
+
+def _caught_up(variable, rows, ids):
+    """``rows`` (``variable[ids]``) minus the moves they still owe under the
+    optimizer with ``catch_up=True`` that trains ``variable``: the rows the
+    dense optimizer would hold (``SketchOptimizer.pending_move``).  Without
+    it, the forward pass would read a row as it was when last touched, and
+    its gradient would be taken at that stale value.  The optimizer must be
+    built before the training step is traced (``model.fit`` builds it
+    first; in a custom loop call ``optimizer.build(model.trainable_variables)``)."""
+    link = getattr(variable, "_keras_sketch_catch_up", None)
+    optimizer = link() if link is not None else None
+    if optimizer is None:
+        return rows
+    with AutocastScope(None):  # the optimizer's state and rate in their own dtype
+        move = optimizer.pending_move(variable, ids)
+    if move is None:
+        return rows
+    return rows - tf.stop_gradient(tf.cast(move, rows.dtype))
 
 
 def reads_whole(variable):

@@ -175,11 +175,15 @@ def running_max(slot, source, rows=None):
 
 
 class StepState:
-    """The state of one variable during one step: what the update math sees."""
+    """The state of one variable during one step: what the update math sees.
 
-    def __init__(self, slots, rows=None):
+    A ``frozen`` state only reads: ``decay_rows`` leaves it unchanged (the
+    forward pass's look at the moves rows still owe, ``pending_move``)."""
+
+    def __init__(self, slots, rows=None, frozen=False):
         self.slots = slots
         self.rows = rows
+        self.frozen = frozen
 
     def has(self, name):
         """Whether the variable keeps slot ``name`` (``state_budget`` may drop one)."""
@@ -283,7 +287,10 @@ def decay_rows(state, name, factor):
     would leave an error of X's rounding after a long decay.  Entries that
     are not real rows keep factor 1, except XLA's padding and left-out
     entries, which all carry id 0 and row 0's own factor: when row 0 is a
-    real row of the step they must write the same value as it."""
+    real row of the step they must write the same value as it.  Nothing on
+    a frozen state."""
+    if state.frozen:
+        return
     rows = state.rows
     real = rows.mask > 0
     row_zero = tf.equal(rows.ids, 0)[:, None]

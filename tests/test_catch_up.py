@@ -1,6 +1,11 @@
 """``catch_up=True``: lazily skipped rows replay their missed steps when next
 touched, reproducing the dense Keras optimizer on every touched row."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -226,3 +231,154 @@ def test_catch_up_all_brings_every_row_to_dense_adam():
     np.testing.assert_allclose(ours_var.numpy(), keras_var.numpy(), rtol=1e-5, atol=1e-6)
     ours.catch_up_all()  # idempotent
     np.testing.assert_allclose(ours_var.numpy(), keras_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- in a model: keras_sketch.layers.Embedding reads rows caught up ---------------------
+#
+# A training forward pass of our Embedding reads each row minus the moves it
+# still owes (``pending_move``), so the gradient is taken where the dense
+# optimizer takes it, and a whole model trains as with the dense optimizer.
+
+MODEL_ROWS, SEQ = 40, 4
+MODEL_CASES = ["adam", "adam_schedule", "amsgrad", "nesterov", "rmsprop_momentum_centered"]
+
+
+def _model(layer_cls):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((SEQ,), dtype="int32")
+    h = layer_cls(MODEL_ROWS, DIM, name="table")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
+
+
+def _model_stream(steps=45):
+    """Batches touching only the lower half of the table, but every 15th
+    (which touches every row): the upper half skips 14 steps at a time."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.integers(0, MODEL_ROWS if s % 15 == 0 else MODEL_ROWS // 2, size=(8, SEQ))
+                        for s in range(steps)]).astype(np.int32)
+    x[::120, :] = np.arange(SEQ)[None]  # a few batches hold repeated ids
+    return x, rng.normal(size=(len(x), 1)).astype(np.float32)
+
+
+def _dense_reference(make, x, y):
+    """The model trained by the dense Keras optimizer (sparse gradients
+    densified), batch by batch, as ``fit(batch_size=8, shuffle=False)``."""
+    model, opt = _model(keras.layers.Embedding), make()
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.mean_squared_error(yb, model(xb, training=True))
+            loss = tf.reduce_mean(loss)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
+        opt.apply(grads, model.trainable_variables)
+
+    for start in range(0, len(x), 8):
+        step(x[start:start + 8], y[start:start + 8])
+    return model.get_weights()
+
+
+def _fitted(layer_cls, make, x, y, jit_compile=False):
+    model = _model(layer_cls)
+    model.compile(optimizer=make(catch_up=True, depth=1, width=MODEL_ROWS, min_rows=1), loss="mse",
+                  jit_compile=jit_compile)
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    model.optimizer.catch_up_all()
+    return model
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_model_with_our_embedding_trains_as_the_dense_optimizer(case):
+    ours_make, keras_make = CASES[case]
+    x, y = _model_stream()
+    reference = _dense_reference(keras_make, x, y)
+    model = _fitted(ks.layers.Embedding, ours_make, x, y)
+    moved = np.abs(model.get_weights()[0] - _model(keras.layers.Embedding).get_weights()[0]).max(axis=1) > 0
+    assert moved[MODEL_ROWS // 2:].mean() > 0.5  # the skipping rows trained
+    for ours, theirs in zip(model.get_weights(), reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["adam", "nesterov"])
+def test_model_with_keras_embedding_reads_rows_stale(case):
+    # Keras's layer reads a row as it was when last touched: not the dense run
+    x, y = _model_stream()
+    reference = _dense_reference(CASES[case][1], x, y)
+    stale = _fitted(keras.layers.Embedding, CASES[case][0], x, y)
+    assert np.abs(stale.get_weights()[0] - reference[0]).max() > 5e-5  # 50x the tolerance above
+
+
+def test_model_catch_up_under_xla_trains_as_the_dense_optimizer():
+    x, y = _model_stream()
+    reference = _dense_reference(CASES["adam"][1], x, y)
+    model = _fitted(ks.layers.Embedding, CASES["adam"][0], x, y, jit_compile=True)
+    for ours, theirs in zip(model.get_weights(), reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_training_forward_reads_caught_up_rows_and_changes_no_state():
+    x, y = _model_stream(steps=16)
+    model = _fitted(ks.layers.Embedding, CASES["adam"][0], x[:-8], y[:-8])
+    lower = np.arange(16, dtype=np.int32).reshape(-1, SEQ)  # 2 batches touching rows 0-15 only
+    model.fit(lower, y[:4], batch_size=2, verbose=0)  # the other rows now owe moves again
+    opt, layer = model.optimizer, model.get_layer("table")
+    state = [v.numpy() for v in opt.variables]
+    table = layer.embeddings.numpy()
+    ids = np.arange(MODEL_ROWS, dtype=np.int32).reshape(-1, SEQ)
+    read = layer(ids, training=True).numpy()
+    np.testing.assert_array_equal(layer(ids).numpy(), table[ids])  # inference reads the table as is
+    for v, before in zip(opt.variables, state):
+        np.testing.assert_array_equal(v.numpy(), before)  # the look-ahead wrote nothing
+    owed = np.abs(read - table[ids]).max(axis=-1)
+    assert (owed[ids >= 16] > 0).mean() > 0.5  # skipped rows that trained are read caught up ...
+    np.testing.assert_array_equal(owed[(ids >= 8) & (ids < 16)], 0.0)  # ... the last step's rows owe nothing
+    opt.catch_up_all()
+    np.testing.assert_allclose(read, layer.embeddings.numpy()[ids], rtol=1e-6, atol=1e-7)
+
+
+def test_pending_move_is_none_without_catch_up_and_after_a_touch():
+    var = keras.Variable(np.ones((MODEL_ROWS, DIM), np.float32))
+    lazy = ks.CSAdam(depth=1, width=MODEL_ROWS, min_rows=1)
+    lazy.build([var])
+    assert lazy.pending_move(var, tf.constant([1, 2])) is None
+    opt = CASES["adam"][0](catch_up=True, **LOSSLESS)
+    assert opt.pending_move(var, tf.constant([1])) is None  # not built yet
+    opt.build([var])
+    opt.apply([sparse(np.arange(MODEL_ROWS), np.ones((MODEL_ROWS, DIM), np.float32), rows=MODEL_ROWS)], [var])
+    np.testing.assert_array_equal(opt.pending_move(var, tf.constant([[3, 4]])).numpy(), 0.0)  # just touched
+    opt.apply([sparse(np.array([3]), np.ones((1, DIM), np.float32), rows=MODEL_ROWS)], [var])
+    owed = opt.pending_move(var, tf.constant([[3, 4]])).numpy()
+    assert owed.shape == (1, 2, DIM) and np.all(owed[0, 0] == 0) and np.all(owed[0, 1] != 0)
+
+
+MIRRORED = r"""
+import json
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import keras_sketch as ks
+from tests.test_catch_up import CASES, MODEL_ROWS, _dense_reference, _model, _model_stream
+
+x, y = _model_stream(steps=30)
+reference = _dense_reference(CASES["adam"][1], x, y)
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():
+    model = _model(ks.layers.Embedding)
+    model.compile(optimizer=CASES["adam"][0](catch_up=True, depth=1, width=MODEL_ROWS, min_rows=1), loss="mse")
+model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+model.optimizer.catch_up_all()
+print("RESULT" + json.dumps({"ours": [w.tolist() for w in model.get_weights()],
+                             "dense": [w.tolist() for w in reference]}))
+"""
+
+
+def test_model_catch_up_under_mirrored_strategy_trains_as_the_dense_optimizer():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run([sys.executable, "-c", MIRRORED], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads([ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    for ours, dense in zip(out["ours"], out["dense"]):
+        np.testing.assert_allclose(np.array(ours), np.array(dense), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras_sketch import fused as fused_op
 from keras_sketch import guard, memory, plan
 from keras_sketch.factored import FACTORED, FACTORED_KINDS, FACTORED_SKETCH, FactoredState
-from keras_sketch.layers import warn_if_read_whole
+from keras_sketch.layers import link_catch_up, warn_if_read_whole
 from keras_sketch.optimizers import describe, state_spec
 from keras_sketch.sketch import COUNT_MIN, COUNT_SKETCH, EXACT, Sketch, hash_params
 from keras_sketch.state import ExactState, Rows, StepState, merge_duplicates
@@ -413,6 +413,7 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         counter = None
         if self.catch_up:  # the step that last touched each row (0: none yet)
             counter = self._add_state_variable(var, "last_step", (layout.rows,), "zeros", "int64")
+            link_catch_up(var, self)
         self._last_step.append(counter)
         self._layouts.append(layout)
         self._slots.append(slots)
@@ -487,6 +488,36 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             missed = self._catch_up_rows(index, StepState(self._slots[index], rows), ids, None,
                                          tf.cast(lr, dtype), done=True)
             variable.assign_sub(layout.unview(missed))
+
+    def pending_move(self, variable, ids):
+        """With ``catch_up=True``: the weight move rows ``ids`` of ``variable``
+        still owe for the steps they missed since they were last touched, as
+        of the step about to be taken.  ``variable[ids] - pending_move(...)``
+        is what the dense optimizer's rows hold now; a training forward pass
+        of ``keras_sketch.layers.Embedding`` reads its rows so, and the step
+        then applies the same moves (``_catch_up_rows``), so gradients are
+        taken where the dense optimizer takes them.  Only reads (state and
+        counters are unchanged) and only the rows ``ids``.  ``ids``: int
+        tensor of any shape; the result has shape ``ids.shape + [dim]``, or
+        is None when nothing is owed by construction (``catch_up=False``,
+        not built yet, or no missed move, e.g. Adam with ``beta_1=0``)."""
+        if not (self.catch_up and self.built):
+            return None
+        index = self._get_variable_index(variable)
+        layout, dtype = self._layouts[index], variable.dtype
+        if not layout.sparse_rows or len(layout.shape) != 2:
+            raise ValueError(f"`pending_move` needs a [rows, dim] variable, got {variable_path(variable)!r} "
+                             f"of shape {layout.shape}.")
+        flat = tf.reshape(tf.cast(ids, tf.int64), [-1])
+        last = tf_variable(self._last_step[index]).sparse_read(flat)
+        skipped = (tf.cast(self.iterations, tf.int64) - last)[:, None]
+        lr = tf.cast(tf.convert_to_tensor(self.learning_rate), dtype)
+        rows = Rows(flat, tf.ones(tf.stack([tf.size(flat), 1]), dtype))
+        state = StepState(self._slots[index], rows, frozen=True)
+        move = self._catch_up(state, tf.cast(last, dtype)[:, None], skipped, self._learning_rate_at(lr))
+        if isinstance(move, float):
+            return None
+        return tf.reshape(move, tf.concat([tf.shape(ids), [layout.dim]], 0))
 
     def _catch_up_rows(self, index, state, ids, valid, lr, done=False):
         """Applies the steps rows ``ids`` missed since they were last touched
