@@ -335,7 +335,35 @@ def mwms(out_path):
         results[f"{mode}/collective_bytes"] = np.array(seen)
         results[f"{mode}/sent"] = np.array(report["sent_bytes_per_step"])
         results[f"{mode}/dense"] = np.array(report["dense_bytes_per_step"])
+        if mode == "two_round":  # per-replica state across workers: every worker saves, then restores
+            results.update(mwms_checkpoint(strategy, model, optimizer, os.path.dirname(out_path)))
     np.savez(out_path, **results)
+
+
+def mwms_checkpoint(strategy, model, optimizer, directory):
+    """Every worker writes a checkpoint (its own file), restores it into a
+    fresh model and optimizer, and records its replica's state before and
+    after, and the saved ``[replicas, d]`` array."""
+    import json
+
+    import keras_sketch as ks
+
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    key = "optimizer/replica_error/.ATTRIBUTES/VARIABLE_VALUE"
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, f"ckpt{task}"))
+    with strategy.scope():
+        fresh = make_model()
+        fresh_opt = ks.SketchedSGD(momentum=0.9, mode="two_round", **TRAIN_SIZES["two_round"])
+        fresh_opt.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).read(path).assert_consumed()
+    return {
+        "ckpt/task": np.array(task),
+        "ckpt/saved": tf.train.load_variable(path, key),
+        "ckpt/before": components(optimizer.replica_error),
+        "ckpt/after": components(fresh_opt.replica_error),
+        "ckpt/momentum_before": components(optimizer.replica_momentum),
+        "ckpt/momentum_after": components(fresh_opt.replica_momentum),
+    }
 
 
 if __name__ == "__main__":
