@@ -25,6 +25,14 @@ parameters are part of the restored state, are allowed to differ); otherwise
 a ``ValueError`` names what differs.  The kind matters even when the shapes
 agree: CSLion's ``m`` and CSMomentum's ``momentum`` have one shape and
 different meanings.
+
+Per-replica state (SketchedSGD's ``two_round``/``local_topk`` ``u`` and
+``e``, ``ON_READ`` variables under ``tf.distribute``) is saved as every
+replica's own value: the variable's shape with one replica, ``[n, *shape]``
+with ``n`` (``replica_state.ReplicaVariable``).  ``replica_values`` checks a
+saved value against the variable and gives every replica its own row; state
+saved by another number of replicas loads with a warning, every replica
+getting the saved sum divided by the replica count (the sum is kept).
 """
 
 import json
