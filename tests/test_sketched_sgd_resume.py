@@ -181,3 +181,11 @@ def test_replica_values_rule():
         np.testing.assert_array_equal(value, rows.sum(0) / 2)
     with pytest.raises(ValueError, match="'u'.*\\(3, 5\\)"):
         state_spec.replica_values("u", np.zeros((3, 5), np.float32), [4], 3, [0, 1, 2])
+    # Restored inside a tf.function (shape known only when it runs): the same rule.
+    traced = tf.function(
+        lambda saved: state_spec.replica_values("u", saved, [4], 2, [0, 1]),
+        input_signature=[tf.TensorSpec(None, tf.float32)],
+    )
+    np.testing.assert_array_equal(np.stack(traced(rows[:2])), rows[:2])
+    np.testing.assert_array_equal(np.stack(traced(rows)), np.stack([rows.sum(0) / 2] * 2))
+    np.testing.assert_array_equal(np.stack(traced(rows[2])), np.stack([rows[2] / 2] * 2))
