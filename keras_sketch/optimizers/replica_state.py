@@ -20,8 +20,9 @@ The same array is a ``tf.train.Checkpoint``'s value of the variable (its
 usual ``VARIABLE_VALUE`` key, through the ``Trackable`` serialization hooks
 ``_serialize_to_tensors`` / ``_restore_from_tensors`` that ``keras.Variable``
 itself implements) and the variable's entry in ``.keras`` / ``.weights.h5``
-files (``saved_value`` / ``restore``, called by
-``SketchedSGD.save_own_variables`` / ``load_own_variables``).  What a restore
+files (``saved_value``, and ``replica_values`` then ``assign_replicas``,
+called by ``SketchedSGD.save_own_variables`` / ``load_own_variables``, which
+check every entry before assigning any).  What a restore
 does with a saved array, including a replica count other than the current
 one, is ``state_spec.replica_values``.
 """
