@@ -11,6 +11,12 @@ MirroredStrategy:
   the NumPy reference;
 * ``model.fit`` with a sketched mode: the per-device copies stay identical.
 
+``python -m tests.sketched_sgd_worker resume OUT.npz``: two logical CPU
+devices under MirroredStrategy; every mode trains, is saved (checkpoint,
+``.keras``, ``.weights.h5``), trains on, and is resumed from each file into a
+fresh model and optimizer; also loads across replica counts (2 -> 1, 1 -> 2).
+Records every replica's component of every weight and optimizer variable.
+
 ``python -m tests.sketched_sgd_worker mwms OUT.npz`` (with ``TF_CONFIG``): one
 worker of a 2-worker MultiWorkerMirroredStrategy cluster; trains with
 ``keras_sketch.distributed.Trainer`` and records every tensor handed to
@@ -166,6 +172,116 @@ def mirrored(out_path):
     np.savez(out_path, **results)
 
 
+RESUME_MODES = ("two_round", "local_topk", "fetchsgd")
+RESUME_FORMATS = ("ckpt", "keras", "h5")
+
+
+def components(variable):
+    """``[replicas, *shape]``: every local replica's own value of a variable
+    (mirrored, ON_READ, or a plain variable as one replica)."""
+    value = getattr(variable, "value", variable)
+    return np.stack([np.asarray(c.numpy()) for c in getattr(value, "values", [value])])
+
+
+def snapshot(model, results, prefix):
+    for i, v in enumerate(model.weights):
+        results[f"{prefix}/w/{i}"] = components(v)
+    for v in model.optimizer.variables:
+        results[f"{prefix}/opt/{v.name}"] = components(v)
+
+
+def resume_model(mode, strategy):
+    import keras
+
+    import keras_sketch as ks
+
+    with strategy.scope():
+        model = make_model()
+        model.compile(
+            ks.SketchedSGD(0.3, compression=3, mode=mode), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def save_all(model, directory):
+    import tensorflow as tf
+
+    paths = {"keras": os.path.join(directory, "m.keras"), "h5": os.path.join(directory, "m.weights.h5")}
+    model.save(paths["keras"])
+    model.save_weights(paths["h5"])
+    paths["ckpt"] = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(os.path.join(directory, "ckpt"))
+    return paths
+
+
+def load(kind, path, mode, strategy):
+    """A fresh model and optimizer under ``strategy`` with the saved state;
+    returns it and the replica-count warnings the load gave."""
+    import warnings
+
+    import keras
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if kind == "keras":
+            with strategy.scope():
+                model = keras.models.load_model(path)
+        else:
+            model = resume_model(mode, strategy)
+            if kind == "h5":
+                model.load_weights(path)
+            else:
+                ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+                ckpt.read(path).assert_consumed()
+    return model, [str(w.message) for w in caught if "Per-replica state" in str(w.message)]
+
+
+def resume(out_path):
+    import tempfile
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    default = tf.distribute.get_strategy()
+    results = {"replicas": np.array(strategy.num_replicas_in_sync)}
+    x, y = data(96)
+    first, then = (x[:48], y[:48]), (x[48:], y[48:])  # 3 steps each, batch 16
+
+    def fit(model, part):
+        model.fit(*part, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    for mode in RESUME_MODES:
+        tmp = tempfile.mkdtemp()
+        model = resume_model(mode, strategy)
+        fit(model, first)
+        snapshot(model, results, f"{mode}/saved")
+        paths = save_all(model, tmp)
+        fit(model, then)
+        snapshot(model, results, f"{mode}/uninterrupted")
+        for kind in RESUME_FORMATS:
+            resumed, caught = load(kind, paths[kind], mode, strategy)
+            results[f"{mode}/{kind}/warnings"] = np.array(len(caught))
+            fit(resumed, then)
+            snapshot(resumed, results, f"{mode}/{kind}/resumed")
+        if mode == "fetchsgd":
+            continue
+        # Replica counts that differ: 2 -> 1 (no strategy) and 1 -> 2.
+        for kind in RESUME_FORMATS:
+            single, caught = load(kind, paths[kind], mode, default)
+            results[f"{mode}/{kind}/to1/warnings"] = np.array(caught)
+            snapshot(single, results, f"{mode}/{kind}/to1")
+        single = resume_model(mode, default)
+        fit(single, first)
+        snapshot(single, results, f"{mode}/single_saved")
+        single_paths = save_all(single, tempfile.mkdtemp())
+        for kind in RESUME_FORMATS:
+            two, caught = load(kind, single_paths[kind], mode, strategy)
+            results[f"{mode}/{kind}/to2/warnings"] = np.array(caught)
+            snapshot(two, results, f"{mode}/{kind}/to2")
+    np.savez(out_path, **results)
+
+
 def record_collectives():
     """Wraps ``ReplicaContext.all_reduce``/``all_gather``: every tensor handed
     to them (at trace time) is logged with its byte size."""
@@ -219,9 +335,37 @@ def mwms(out_path):
         results[f"{mode}/collective_bytes"] = np.array(seen)
         results[f"{mode}/sent"] = np.array(report["sent_bytes_per_step"])
         results[f"{mode}/dense"] = np.array(report["dense_bytes_per_step"])
+        if mode == "two_round":  # per-replica state across workers: every worker saves, then restores
+            results.update(mwms_checkpoint(strategy, model, optimizer, os.path.dirname(out_path)))
     np.savez(out_path, **results)
+
+
+def mwms_checkpoint(strategy, model, optimizer, directory):
+    """Every worker writes a checkpoint (its own file), restores it into a
+    fresh model and optimizer, and records its replica's state before and
+    after, and the saved ``[replicas, d]`` array."""
+    import json
+
+    import keras_sketch as ks
+
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    key = "optimizer/replica_error/.ATTRIBUTES/VARIABLE_VALUE"
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, f"ckpt{task}"))
+    with strategy.scope():
+        fresh = make_model()
+        fresh_opt = ks.SketchedSGD(momentum=0.9, mode="two_round", **TRAIN_SIZES["two_round"])
+        fresh_opt.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).read(path).assert_consumed()
+    return {
+        "ckpt/task": np.array(task),
+        "ckpt/saved": tf.train.load_variable(path, key),
+        "ckpt/before": components(optimizer.replica_error),
+        "ckpt/after": components(fresh_opt.replica_error),
+        "ckpt/momentum_before": components(optimizer.replica_momentum),
+        "ckpt/momentum_after": components(fresh_opt.replica_momentum),
+    }
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"mirrored": mirrored, "mwms": mwms}[mode](out)
+    {"mirrored": mirrored, "mwms": mwms, "resume": resume}[mode](out)

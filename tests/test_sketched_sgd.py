@@ -333,3 +333,13 @@ def test_multi_worker_mirrored_two_localhost_workers(tmp_path):
             handed = w[f"{mode}/collective_bytes"]
             assert int(w[f"{mode}/sent"]) == int(handed.sum()) > 0
             assert int(handed.max()) * 2.5 < int(w[f"{mode}/dense"])  # nothing of gradient size
+    # two_round's per-replica state across workers: gathered into one [replicas, d] array in
+    # replica order, and every worker restores its own row bit for bit.
+    for w, other in ((w0, w1), (w1, w0)):
+        task = int(w["ckpt/task"])
+        assert w["ckpt/before"].shape == (1, w["ckpt/saved"].shape[1]) and w["ckpt/saved"].shape[0] == 2
+        np.testing.assert_array_equal(w["ckpt/saved"][task], w["ckpt/before"][0])
+        np.testing.assert_array_equal(w["ckpt/saved"][1 - task], other["ckpt/before"][0])
+        np.testing.assert_array_equal(w["ckpt/after"], w["ckpt/before"])
+        np.testing.assert_array_equal(w["ckpt/momentum_after"], w["ckpt/momentum_before"])
+    assert np.abs(w0["ckpt/before"] - w1["ckpt/before"]).max() > 1e-4  # the workers' states differ

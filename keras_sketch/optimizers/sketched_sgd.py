@@ -69,13 +69,13 @@ aims at ``4*d/r``:
   exact constants are found experimentally).
 
 Under a strategy the per-replica ``u``/``e`` of two_round and local_topk are
-``ON_READ`` variables with ``MEAN`` aggregation: a checkpoint or ``.keras``
-file stores the replicas' mean and a restore gives every replica that mean.
-The algorithm only depends on the replicas' sums of ``u`` and ``e`` (every
-step is linear in them and the masking zeroes the same coordinates
-everywhere), so a resumed multi-replica run computes the same sequence, but
-not bit-identically (the mean rounds).  Single-replica runs, and fetchsgd
-(whose sketch state is mirrored), resume bit-identically.
+``ON_READ`` variables (``replica_state.ReplicaVariable``): checkpoints,
+``.keras`` and ``.weights.h5`` files store every replica's own value (one
+``[replicas, d]`` array; ``[d]`` with one replica, as any variable) and a
+restore gives every replica its own value back, so a resumed run is
+bit-identical.  State saved by another number of replicas loads with a
+warning: every replica gets the saved sum divided by the replica count
+(``state_spec.replica_values``).  fetchsgd's sketch state is mirrored.
 
 The hook is the TensorFlow optimizer's ``_backend_update_step`` (a private
 method of Keras 3's ``keras/src/backend/tensorflow/optimizer.py``; Keras is
@@ -93,6 +93,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sketch.optimizers.base import check_bool, check_int, check_number
+from keras_sketch.optimizers.replica_state import ReplicaVariable
 from keras_sketch.sketch import COUNT_SKETCH, Sketch, hash_params
 
 MODES = ("fetchsgd", "two_round", "local_topk")
@@ -229,9 +230,10 @@ class SketchedSGD(keras.optimizers.SGD):
             self._sketch = Sketch(table, self.hash_params, d, COUNT_SKETCH)
 
     def _replica_variable(self, d, name):
-        """Full-size per-replica state: ON_READ (one value per replica)."""
+        """Full-size per-replica state: ON_READ (one value per replica),
+        saved and restored per replica (``replica_state.ReplicaVariable``)."""
         with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
+            variable = ReplicaVariable(
                 initializer="zeros",
                 shape=(d,),
                 dtype="float32",
@@ -242,6 +244,38 @@ class SketchedSGD(keras.optimizers.SGD):
             )
         self._track_variable(variable)
         return variable
+
+    def save_own_variables(self, store):
+        """Keras's ``.keras`` / ``.weights.h5`` entries; per-replica state is
+        stored as every replica's own value (``[replicas, d]`` under a
+        strategy with several replicas, ``[d]`` with one)."""
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = variable.saved_value() if isinstance(variable, ReplicaVariable) else variable.numpy()
+
+    def load_own_variables(self, store):
+        """Restores what ``save_own_variables`` stored; every entry is checked
+        before any variable is assigned (a bad entry leaves the state as it
+        was).  A differing replica count: ``state_spec.replica_values``."""
+        if len(store.keys()) != len(self.variables):
+            return super().load_own_variables(store)  # Keras's warning and skip
+        values = []
+        for i, variable in enumerate(self.variables):
+            saved = np.asarray(store[str(i)])
+            if isinstance(variable, ReplicaVariable):
+                values.append(variable.replica_values(saved))
+            elif tuple(saved.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Cannot load the state of optimizer {self.name!r}: variable {variable.path!r} is "
+                    f"{tuple(variable.shape)} but the saved one is {tuple(saved.shape)}. The saved optimizer "
+                    "was built with other settings (rows, columns, mode) or for other model variables."
+                )
+            else:
+                values.append(saved)
+        for variable, value in zip(self.variables, values):
+            if isinstance(variable, ReplicaVariable):
+                variable.assign_replicas(value)
+            else:
+                variable.assign(value)
 
     # -- communication -------------------------------------------------------
     @property

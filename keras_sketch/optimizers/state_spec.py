@@ -25,9 +25,18 @@ parameters are part of the restored state, are allowed to differ); otherwise
 a ``ValueError`` names what differs.  The kind matters even when the shapes
 agree: CSLion's ``m`` and CSMomentum's ``momentum`` have one shape and
 different meanings.
+
+Per-replica state (SketchedSGD's ``two_round``/``local_topk`` ``u`` and
+``e``, ``ON_READ`` variables under ``tf.distribute``) is saved as every
+replica's own value: the variable's shape with one replica, ``[n, *shape]``
+with ``n`` (``replica_state.ReplicaVariable``).  ``replica_values`` checks a
+saved value against the variable and gives every replica its own row; state
+saved by another number of replicas loads with a warning, every replica
+getting the saved sum divided by the replica count (the sum is kept).
 """
 
 import json
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -161,3 +170,52 @@ class StateSpecCheck(tf.train.experimental.PythonState):
         error = mismatch(self._name, json.loads(string_value), self._spec)
         if error:
             raise ValueError(error)
+
+
+def replica_values(name, saved, shape, replicas, local_ids):
+    """The values the local replicas of per-replica state ``name`` restore
+    from ``saved`` (``keras_sketch.optimizers.replica_state``).
+
+    ``saved`` has the variable's ``shape`` (saved by one replica) or
+    ``[n, *shape]`` (saved by ``n`` replicas, row ``r`` replica ``r``); any
+    other shape raises a ``ValueError`` naming the variable.  The state is
+    now held by ``replicas`` replicas, of which this process holds
+    ``local_ids``:
+
+    * ``n == replicas``: replica ``r`` gets row ``r``, bit for bit;
+    * otherwise every replica gets the saved replicas' sum divided by
+      ``replicas``, with a warning naming both counts.  The sum over replicas
+      is kept: it is what a step of SketchedSGD's two_round mode depends on
+      (its update is linear in the replicas' sum of ``u`` and ``e``, and a
+      single device's ``u``/``e`` is that sum), so the resumed run continues
+      the same mathematics, not bit for bit; local_topk picks a top-k per
+      replica, so its per-replica split is not recovered (the total is).
+    """
+    saved = tf.convert_to_tensor(saved)
+    shape = [int(s) for s in shape]
+    if saved.shape.rank is None:  # restored inside a tf.function: the shape is known when it runs
+        rows = tf.reshape(saved, [-1] + shape)
+        even = tf.reduce_sum(rows, 0) / replicas
+        same = tf.shape(rows)[0] == replicas
+        return [tf.cond(same, lambda i=i: rows[i], lambda: even) for i in local_ids]
+    saved_shape = [int(s) for s in saved.shape]
+    if saved_shape == shape:
+        rows, n = saved[None], 1
+    elif saved_shape[1:] == shape and saved_shape[0] >= 1:
+        rows, n = saved, saved_shape[0]
+    else:
+        raise ValueError(
+            f"Cannot load the per-replica state {name!r}: the saved value has shape {tuple(saved_shape)}, "
+            f"which is neither the variable's shape {tuple(shape)} (saved by one replica) nor "
+            f"(replicas, {', '.join(map(str, shape))}). It was saved for other model variables or settings."
+        )
+    if n == replicas:
+        return [rows[i] for i in local_ids]
+    warnings.warn(
+        f"Per-replica state {name!r} was saved by {n} replica(s) and is loaded into {replicas}: every "
+        f"replica gets the sum of the {n} saved values divided by {replicas}. The sum over replicas is kept, but "
+        "the per-replica values are not, so the resumed run is not bit-identical to an uninterrupted one.",
+        stacklevel=2,
+    )
+    even = tf.reduce_sum(rows, 0) / replicas
+    return [even for _ in local_ids]
