@@ -410,7 +410,7 @@ def size_table(res, n):
     may be skipped, with a prediction)."""
     rows = sorted((r for r in res["fit"] if r["rows"] == n), key=lambda r: list(CONFIGS).index(r["config"]))
     by = {r["config"]: r for r in rows if "ms_per_step" in r}
-    ref = next((by[c] for c in REFERENCES if c in by), None)
+    ref = next((by[c] for c in REFERENCES + list(CONFIGS) if c in by), None)
     base = next((r for r in rows if r["config"] == BASELINE), None)
     return rows, ref, base
 
@@ -462,7 +462,7 @@ def markdown(res):
         if ref is not None and ref["config"] != BASELINE:
             lines += [f"Keras Adam + keras.layers.Embedding is not measured at this N ({not_run(base) if base else 'not run'})"
                       f": ratios here are against **{CONFIGS[ref['config']][2]}**, the first configuration of "
-                      f"{', '.join(CONFIGS[c][2] for c in REFERENCES[1:])} that ran at this N"
+                      f"{', '.join(CONFIGS[c][2] for c in REFERENCES[1:])} (then any) that ran at this N"
                       + (f"; *vs Keras Adam (predicted)* divides by Keras Adam + keras.layers.Embedding's predicted "
                          f"figures here ({pb['ms_per_step']:,.0f} ms/step, fit peak {_gib(pb['peak_fit'])} GiB, "
                          f"from N = {' and '.join(f'{k:,}' for k in pb['from_rows'])})" if pb else "") + ".", ""]
@@ -477,8 +477,8 @@ def markdown(res):
             if "ms_per_step" not in r:
                 fit = f"{fmt_mib(pred['peak_fit'])} (predicted)" if pred else ""
                 proc = f"{fmt_mib(pred['peak'])} (predicted)" if pred else ""
-                ms = f"{pred['ms_per_step']:,.0f} (predicted)" if pred and r["config"] == BASELINE else ""
-                lines.append(f"| {desc} | not run: {not_run(r)} {ms} | | " + ("| " if pcols else "") + f"{fit} | | "
+                ms = f"; predicted {pred['ms_per_step']:,.0f}" if pred and r["config"] == BASELINE else ""
+                lines.append(f"| {desc} | not run ({not_run(r)}){ms} | | " + ("| " if pcols else "") + f"{fit} | | "
                              + ("| " if pcols else "") + f"{proc} | |")
                 continue
             sp = f"{ref['ms_per_step'] / r['ms_per_step']:.2f}x" if ref else "-"
