@@ -64,6 +64,7 @@ model-level table of README.md (between its ``bench_model_table`` markers).
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -415,6 +416,13 @@ def size_table(res, n):
     return rows, ref, base
 
 
+def init_factor(res):
+    """The range, over the measured runs, of (model-creation peak - resident at start) / the largest table's bytes."""
+    q = [(r["peak_init"] - r["rss_start"]) / (r["rows"] * DIM * 4) for r in res["fit"]
+         if r.get("peak_init") and r.get("rss_start")]
+    return f"{min(q):.2f}-{max(q):.2f}" if q else None
+
+
 def not_run(r):
     return r.get("skipped") or ("failed: " + r["error"] if "error" in r else "failed")
 
@@ -434,7 +442,7 @@ def markdown(res):
                    f"{len(runs)} runs:")
         command = "\n".join(
             f"- N = {', '.join(f'{n:,}' for n in run['sizes'])}: {common.machine_line(run['machine'])}. "
-            f"Command: `{run['command']}`" + (f". {run['note']}" if run.get("note") else "") for run in runs)
+            f"Command: `{run['command']}`" + (f". {run['note'].rstrip('.')}." if run.get("note") else "") for run in runs)
     lines = [
         "## Model-level benchmark: model.fit of a recommender model (benchmarks/bench_model.py)",
         "",
@@ -446,8 +454,10 @@ def markdown(res):
         "fresh subprocess with `TF_ENABLE_ONEDNN_OPTS=0` (see the script's docstring). *fit peak*: peak resident "
         "memory (VmHWM, reset right before `model.fit`) during `model.fit` -- optimizer build, tracing and "
         "training, plus the process, weights and data already resident. *process peak*: VmHWM of the whole "
-        "process, which also counts the model's creation (Keras's `uniform` initializer holds three table-sized "
-        "buffers at once, the same for every configuration). Ratios: baseline / this for time (>1 = faster), "
+        "process, which also counts the model's creation (Keras's `uniform` initializer holds three buffers the "
+        "size of the table it fills at once, the same for every configuration"
+        + (f"; measured: creation peak - resident at start = {init_factor(res)} x the largest table's bytes"
+           if init_factor(res) else "") + "). Ratios: baseline / this for time (>1 = faster), "
         "this / baseline for memory (<1 = smaller); baseline = Keras Adam + keras.layers.Embedding at the same N "
         "where it runs. *predicted*: from the configuration's measured peaks (and ms/step) at the two largest "
         "smaller N, on a line (memory is linear in N; the time is an extrapolation across runs, an order of "
@@ -461,8 +471,8 @@ def markdown(res):
                   f"{sum(table_rows(n)) * DIM * 4 / MIB:,.0f} MiB of weights):", ""]
         if ref is not None and ref["config"] != BASELINE:
             lines += [f"Keras Adam + keras.layers.Embedding is not measured at this N ({not_run(base) if base else 'not run'})"
-                      f": ratios here are against **{CONFIGS[ref['config']][2]}**, the first configuration of "
-                      f"{', '.join(CONFIGS[c][2] for c in REFERENCES[1:])} (then any) that ran at this N"
+                      f": ratios here are against **{CONFIGS[ref['config']][2]}**, the first that ran at this N "
+                      f"in the order {' > '.join(SHORT[c] for c in REFERENCES[1:])} (then any)"
                       + (f"; *vs Keras Adam (predicted)* divides by Keras Adam + keras.layers.Embedding's predicted "
                          f"figures here ({pb['ms_per_step']:,.0f} ms/step, fit peak {_gib(pb['peak_fit'])} GiB, "
                          f"from N = {' and '.join(f'{k:,}' for k in pb['from_rows'])})" if pb else "") + ".", ""]
@@ -483,7 +493,8 @@ def markdown(res):
                 continue
             sp = f"{ref['ms_per_step'] / r['ms_per_step']:.2f}x" if ref else "-"
             mem = f"{r['peak_fit'] / ref['peak_fit']:.2f}x" if ref else "-"
-            psp = f"{pb['ms_per_step'] / r['ms_per_step']:,.0f}x (predicted) | " if pcols else ""
+            x = pb["ms_per_step"] / r["ms_per_step"] if pcols else 0
+            psp = (f"{x:,.0f}x" if x >= 10 else f"{x:.2f}x") + " (predicted) | " if pcols else ""
             pmem = f"{r['peak_fit'] / pb['peak_fit']:.2f}x (predicted) | " if pcols else ""
             lines.append(f"| {desc} | {r['ms_per_step']:.1f} | {sp} | {psp}{fmt_mib(r['peak_fit'])} | {mem} | {pmem}"
                          f"{fmt_mib(max(r['peak_fit'], r['peak_init']))} | {fmt_mib(r['state_bytes'])} |")
@@ -546,7 +557,7 @@ def _m(n):
 def readme_table(res):
     """README.md's model-level table and the sentence introducing it."""
     runs = runs_of(res)
-    loads = " and ".join(f"{run['machine']['load_average'][0]:.1f} (N = {', '.join(_m(n) for n in run['sizes'])})"
+    loads = " and ".join(f"{run['machine']['load_average'][0]:.1f} for N = {', '.join(_m(n) for n in run['sizes'])}"
                          for run in runs if run["machine"].get("load_average"))
     refs, notes = {}, []
     for n in res["sizes"]:
@@ -589,7 +600,7 @@ def readme_table(res):
             else:
                 pred = r.get("predicted")
                 word = "not run" if r.get("skipped") else "failed"
-                ms = f" (pred. {pred['ms_per_step']:,.0f})" if pred and config == BASELINE else ""
+                ms = f" (pred. {pred['ms_per_step']:,.0f} ms)" if pred and config == BASELINE else ""
                 cells += [word + ms, f"pred. {pred['peak_fit'] / GIB:.1f}" if pred else "-"]
         if any(c != "-" for c in cells):
             lines.append(f"| {SHORT[config]} | " + " | ".join(cells) + " |")
@@ -646,6 +657,18 @@ def plot(res, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def command_line(argv):
+    """The command that reproduces a run, shell-quoted, without ``--note`` (a remark, not a setting)."""
+    argv, kept = list(argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--note":
+            argv = argv[1:]
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return shlex.join(["python", os.path.relpath(__file__, common.ROOT)] + kept)
 
 
 def main(argv=None):
@@ -725,7 +748,7 @@ def main(argv=None):
     limit = int(a.limit_gib * GIB) if a.limit_gib is not None else int(0.85 * mem_total())
     out_dir = common.RESULTS_DIR / "tmp" if a.quick else common.RESULTS_DIR
     saved_path = out_dir / ("bench_model_quick.json" if a.quick else "bench_model.json")
-    command = "python " + " ".join([os.path.relpath(__file__, common.ROOT)] + (sys.argv[1:] if argv is None else list(argv)))
+    command = command_line(sys.argv[1:] if argv is None else argv)
     if a.merge:  # checked before TensorFlow starts
         res = common.load_json(saved_path, None)
         if res is None:
