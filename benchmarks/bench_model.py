@@ -644,10 +644,14 @@ def plot(res, path):
         ax.set_xticks([i + width * (len(res["sizes"]) - 1) / 2 for i in range(len(configs))])
         ax.set_xticklabels(configs, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
-        ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
+        if ax is axes[0]:
+            ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * (8 if ax is axes[0] else 1.35))  # room for the legend
+        ax.legend(fontsize=7, ncol=2, loc="upper center")
     if res.get("cap_bytes"):
         axes[1].axhline(res["cap_bytes"] / 2**30, color="k", ls="--", lw=0.8)
+        axes[1].text(len(configs) - 0.5, res["cap_bytes"] / 2**30, f"headroom cap {res['cap_bytes'] / 2**30:g} GiB",
+                     fontsize=7, ha="right", va="bottom")
     limits = {r["limit_bytes"] for r in res["fit"] if r.get("limit_bytes")}
     for limit in limits:
         axes[1].axhline(limit / 2**30, color="r", ls=":", lw=0.8)
