@@ -303,20 +303,40 @@ def decay_rows(state, name, factor):
 def missed_sum(term, skipped, cap, like):
     """``sum_{j=1}^{min(skipped, cap)} term(j)`` per row.
 
-    ``term(j)`` (``j`` a float scalar) is the ``[k, dim]`` weight move of each
-    row's ``j``-th missed step; ``skipped`` ``[k, 1]`` int64 the number of
-    steps each row missed; ``like`` a ``[k, dim]`` tensor of the result's
-    shape and dtype.  A bounded loop (``tf.while_loop``, also under XLA):
-    ``min(max(skipped), cap)`` iterations of ``k x dim`` work.
+    ``term(j)`` is the weight move of each row's ``j``-th missed step;
+    ``skipped`` ``[k, 1]`` int64 the number of steps each row missed; ``like``
+    a ``[k, dim]`` tensor of the result's shape and dtype.  ``j`` is a float
+    tensor ``[B, 1, 1]`` of ``B`` consecutive step numbers, so ``term`` (written
+    with broadcasting ops) returns ``[B, k, dim]``: the steps are summed in
+    blocks of ``B`` (``_missed_block``), a bounded loop (``tf.while_loop``, also
+    under XLA) of ``ceil(min(max(skipped), cap) / B)`` iterations of
+    ``B x k x dim`` work; few iterations, since each costs a fixed overhead.
     """
     n = tf.minimum(tf.reduce_max(tf.concat([[0], tf.reshape(skipped, [-1])], 0)), cap)
+    block = _missed_block(like)
+    offsets = tf.range(block, dtype=tf.int64)[:, None, None]
 
-    def body(j, total):
+    def body(start, total):
+        j = start + offsets
         move = term(tf.cast(j, like.dtype))
-        return j + 1, total + tf.where(j <= skipped, move, tf.zeros_like(move))
+        move = tf.where(j <= skipped[None], move, tf.zeros_like(move))
+        return start + block, total + tf.reduce_sum(move, 0)
 
-    _, total = tf.while_loop(lambda j, _: j <= n, body, (tf.constant(1, tf.int64), tf.zeros_like(like)))
+    _, total = tf.while_loop(lambda start, _: start <= n, body, (tf.constant(1, tf.int64), tf.zeros_like(like)))
     return total
+
+
+_MISSED_BLOCK_ELEMENTS = 2**22  # a block's [B, k, dim] terms: at most 16 MiB of float32
+
+
+def _missed_block(like):
+    """``B``: 32 missed steps per block, fewer when ``32 x k x dim`` would
+    exceed ``_MISSED_BLOCK_ELEMENTS`` (static when ``like``'s shape is, as
+    under XLA; else 8)."""
+    size = like.shape.num_elements()
+    if size is None:
+        return 8
+    return int(max(1, min(32, _MISSED_BLOCK_ELEMENTS // max(size, 1))))
 
 
 def geometric_cap(ratio, spread=1.0, tolerance=FLOAT32_ROUNDOFF):
