@@ -279,12 +279,16 @@ def plan_signature(setup, name, lr, clipnorm):
                                   for r in rows]))
 
 
-def train(task, setup, s, name, lr, seed, evals, clipnorm, make=None, after_chunk=None):
+def train(task, setup, s, name, lr, seed, evals, clipnorm, make=None, after_chunk=None, order_seed=None):
     """One run: ``evals`` chunks of ``model.fit``, the held-out score after
     each.  ``make(name, lr, clipnorm)`` builds the optimizer (default: this
     study's ``make_optimizer``); ``after_chunk(optimizer)`` runs before each
-    evaluation (lazy_study flushes catch-up rows there)."""
+    evaluation (lazy_study flushes catch-up rows there).  With
+    ``order_seed`` the shuffled tasks' examples are permuted by NumPy from
+    that seed instead of by ``fit(shuffle=True)``, whose order was seen to
+    depend on what ran before in the same process."""
     import keras
+    import numpy as np
 
     build, loss, (x, y), evaluate, _ = setup
     keras.utils.set_random_seed(seed)
@@ -299,8 +303,12 @@ def train(task, setup, s, name, lr, seed, evals, clipnorm, make=None, after_chun
     done = 0
     while done < steps:
         n = min(chunk, steps - done)
-        h = model.fit(x[done * batch:(done + n) * batch], y[done * batch:(done + n) * batch], batch_size=batch,
-                      epochs=1, shuffle=task in ("cnn", "recsys"), verbose=0)
+        xs, ys = x[done * batch:(done + n) * batch], y[done * batch:(done + n) * batch]
+        shuffle = task in ("cnn", "recsys")
+        if shuffle and order_seed is not None:
+            order = np.random.default_rng([order_seed, done]).permutation(len(xs))
+            xs, ys, shuffle = xs[order], ys[order], False
+        h = model.fit(xs, ys, batch_size=batch, epochs=1, shuffle=shuffle, verbose=0)
         losses.append(float(h.history["loss"][-1]))
         if after_chunk is not None:
             after_chunk(optimizer)

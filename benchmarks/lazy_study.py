@@ -103,9 +103,12 @@ def _DenseAdam(lr, **kw):
 
 def train(task, setup, s, name, lr, seed, evals, clipnorm):
     """budget_study's run with this study's optimizers; catch-up rows are
-    brought up to date (``catch_up_all``) before each evaluation."""
+    brought up to date (``catch_up_all``) before each evaluation; the data
+    order is a NumPy permutation from the seed (the same for every config,
+    whatever ran before in the process)."""
     flush = (lambda optimizer: optimizer.catch_up_all()) if name == "catchup" else None
-    return budget_study.train(task, setup, s, name, lr, seed, evals, clipnorm, make=make_optimizer, after_chunk=flush)
+    return budget_study.train(task, setup, s, name, lr, seed, evals, clipnorm, make=make_optimizer, after_chunk=flush,
+                              order_seed=seed)
 
 
 def summary(t):

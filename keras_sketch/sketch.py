@@ -77,7 +77,7 @@ class Sketch:
     number of rows of the sketched ``[rows, dim]`` state.
     """
 
-    def __init__(self, table, params, rows, kind):
+    def __init__(self, table, params, rows, kind, known_params=None):
         if kind not in KINDS:
             raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
         self.table = table
@@ -86,6 +86,9 @@ class Sketch:
         self.kind = kind
         self.depth, self.width, self.dim = (int(s) for s in table.shape)
         self.identity = self.width >= self.rows
+        # ``query_shared``'s rows per bucket for the parameters the sketch was
+        # built with (``known_params``, a NumPy array), counted once.
+        self._known_params, self._known_counts = known_params, None
         if self.identity and (self.depth != 1 or self.width != self.rows):
             raise ValueError("An identity (lossless) sketch has depth 1 and width == rows.")
 
@@ -94,13 +97,14 @@ class Sketch:
         return self.kind == COUNT_SKETCH and not self.identity
 
     # -- hashing ---------------------------------------------------------
-    def locate(self, rows):
-        """Buckets and signs of ``rows`` (int tensor ``[k]``)."""
+    def locate(self, rows, params=None):
+        """Buckets and signs of ``rows`` (int tensor ``[k]``), under the
+        sketch's hash parameters (or ``params``, ``[depth, 4]``)."""
         rows = tf.cast(rows, tf.int64)
         if self.identity:
             return Locations(rows[None, :], None)
         x = tf.math.floormod(rows, PRIME)[None, :]
-        p = tf.convert_to_tensor(self.params)
+        p = tf.convert_to_tensor(self.params if params is None else params)
         a, b, c, d = (p[:, i : i + 1] for i in range(4))
         buckets = tf.math.floormod(tf.math.floormod(a * x + b, PRIME), self.width)
         signs = None
@@ -141,16 +145,32 @@ class Sketch:
         Not an upper bound like ``query`` (a bucket's rows sum to its value:
         the mass of the rows is kept, not added to each of them); exact for a
         row alone in its bucket.  The number of rows per bucket follows from
-        the hash parameters and is recounted on every call (``rows`` hashes,
-        no stored state).  ``FACTORED_SKETCH`` reads its row factor this way
-        (keras_sketch/factored.py)."""
+        the hash parameters (``_shared_counts``).  ``FACTORED_SKETCH`` reads
+        its row factor this way (keras_sketch/factored.py)."""
         if self.depth != 1:
             raise ValueError(f"query_shared needs a depth-1 sketch, this one has depth {self.depth}.")
-        every = self.locate(tf.range(self.rows, dtype=tf.int64)).buckets[0]
-        counts = tf.math.unsorted_segment_sum(tf.ones([self.rows], self.table.dtype), every, self.width)
-        shared = self._clamp(self._tensor()[0]) / tf.maximum(counts, 1.0)[:, None]
-        buckets = every if rows is None else self.locate(rows).buckets[0]
-        return tf.gather(shared, buckets)
+        shared = self._clamp(self._tensor()[0]) / tf.maximum(self._shared_counts(), 1.0)[:, None]
+        ids = tf.range(self.rows, dtype=tf.int64) if rows is None else rows
+        return tf.gather(shared, self.locate(ids).buckets[0])
+
+    def _shared_counts(self):
+        """The number of rows hashed to each bucket (``[width]``).  Counted
+        once (eagerly, ``rows`` hashes) for the parameters the sketch was
+        built with; a step compares the current parameters with those (a
+        restore may bring others) and recounts only when they differ, so a
+        sparse step does not hash every row."""
+        params = tf.convert_to_tensor(self.params)
+        if self._known_params is None:
+            return self._count(params)
+        if self._known_counts is None:
+            with tf.init_scope():
+                self._known_counts = self._count(tf.constant(self._known_params, tf.int64))
+        same = tf.reduce_all(tf.equal(params, self._known_params))
+        return tf.cond(same, lambda: self._known_counts, lambda: self._count(params))
+
+    def _count(self, params):
+        every = self.locate(tf.range(self.rows, dtype=tf.int64), params).buckets[0]
+        return tf.math.unsorted_segment_sum(tf.ones([self.rows], self.table.dtype), every, self.width)
 
     def _query_all_chunked(self):
         chunk = max(1, _QUERY_CHUNK_ELEMENTS // (self.depth * self.dim))

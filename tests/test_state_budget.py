@@ -352,6 +352,46 @@ def test_sketched_row_factor_shares_each_bucket_among_its_rows():
     np.testing.assert_allclose(sk.read().numpy(), r_sk[:, None] * (c / c.mean())[None, :], rtol=1e-5)
 
 
+def test_shared_read_counts_rows_once_and_recounts_for_other_hash_parameters():
+    """The rows per bucket are counted once for the built hash parameters (a
+    sparse step hashes only its rows: no [rows] tensor in the traced step)
+    and recounted when the parameters differ, as after restoring state saved
+    with another seed."""
+    rows = 50_000
+    var = tf.Variable(np.ones((rows, 8), np.float32))
+    opt = keras_sketch.CSAdam(learning_rate=0.01, state_budget=0.005)
+
+    @tf.function
+    def step(g):
+        opt.apply([g], [var])
+
+    g = tf.IndexedSlices(tf.ones((3, 8)), tf.constant([5, 17, 5], tf.int64), tf.constant([rows, 8], tf.int64))
+    step(g)
+    sketch = opt._slots[0]["v"].row
+    assert opt.memory_report().rows[0]["states"]["v"][0] == "factored_sketch"
+    graph = step.get_concrete_function(g).graph
+    big = [op.name for op in graph.get_operations() for out in op.outputs
+           if out.shape.rank and out.shape.num_elements() and out.shape.num_elements() >= rows]
+    assert not big, f"full-size tensors in the sparse step: {big}"
+
+    table = np.asarray(sketch.table)[0, :, 0]
+
+    def counted(params):
+        buckets = sketch.locate(tf.range(rows, dtype=tf.int64), params).buckets.numpy()[0]
+        return buckets, np.maximum(np.bincount(buckets, minlength=sketch.width), 1)
+
+    ids = [0, 17, 49_999]
+    buckets, counts = counted(sketch.params)
+    np.testing.assert_allclose(sketch.query_shared(tf.constant(ids, tf.int64)).numpy()[:, 0],
+                               (table / counts)[buckets[ids]], rtol=1e-6)
+    sketch.params.assign(keras_sketch.sketch.hash_params(seed=123, stream=0, depth=1))  # as a restore might
+    new_buckets, new_counts = counted(sketch.params)
+    assert not np.array_equal(new_counts, counts)  # the built counts would be wrong now
+    np.testing.assert_allclose(sketch.query_shared().numpy()[:, 0], (table / new_counts)[new_buckets], rtol=1e-6)
+    np.testing.assert_allclose(sketch.query_shared(tf.constant(ids, tf.int64)).numpy()[:, 0],
+                               (table / new_counts)[new_buckets[ids]], rtol=1e-6)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_sketched_factored_contains_a_nan_row(sparse):
     """A gradient row with NaN (keras_sketch/guard.py) reaches no bucket of the

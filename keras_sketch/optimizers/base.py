@@ -403,7 +403,8 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                 depth, width, dim = slot.shape
                 table = self._add_state_variable(var, f"{slot.name}_row_sketch", (depth, width, 1), init)
                 col = self._add_state_variable(var, f"{slot.name}_col", (dim,), init)
-                slots[slot.name] = FactoredState(Sketch(table, params, layout.rows, COUNT_MIN), col)
+                row = Sketch(table, params, layout.rows, COUNT_MIN, known_params=values)
+                slots[slot.name] = FactoredState(row, col)
             elif slot.sketched:
                 table = self._add_state_variable(var, f"{slot.name}_sketch", slot.shape, init)
                 slots[slot.name] = Sketch(table, params, layout.rows, slot.kind)
