@@ -9,7 +9,9 @@ weight, write weight) vs our pure-TF path (fused=False).
 
 Sparse: a 1M x 64 embedding, 4096 Zipf-distributed ids per step: fused
 CSAdam vs keras Adam vs an exact lazy Adam (full-size state, scatter updates
-of the touched rows only, written here in TF) vs our pure-TF sparse path.
+of the touched rows only, written here in TF) vs our pure-TF sparse path,
+and compact mode (``state_budget=0.02``: factored; ``0.005``: its row
+factor hashed, planner rule 4).
 
 Every step runs inside a tf.function (the way Keras's fit runs it); times are
 medians over repeats, ratios are against baselines measured in the same run.
@@ -104,12 +106,15 @@ def sparse_bench(repeats, rows, dim, k):
     cases = {
         "fused CSAdam (default)": lambda: CSAdam(fused=True),
         "pure-TF CSAdam (default)": lambda: CSAdam(fused=False),
+        # compact mode: rank-1 factored 2nd moment (0.02); its row factor hashed (0.005, rule 4)
+        "CSAdam(state_budget=0.02)": lambda: CSAdam(state_budget=0.02),
+        "CSAdam(state_budget=0.005)": lambda: CSAdam(state_budget=0.005),
         "keras Adam": lambda: keras.optimizers.Adam(),
     }
     for name, make in cases.items():
         var = keras.Variable(init)
         out[name] = timed(keras_step(make(), var, grad), repeats)
-        print(f"  sparse {name:27s} {out[name] * 1e3:9.2f} ms", flush=True)
+        print(f"  sparse {name:30s} {out[name] * 1e3:9.2f} ms", flush=True)
         del var
     var = tf.Variable(init)
     lazy = LazyAdam(var)
