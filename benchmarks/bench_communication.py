@@ -49,21 +49,32 @@ BANDWIDTHS_GBIT = (1, 10, 100)
 BIG_D = 100_000_000
 
 
-def configs(d, replicas, rows=None, kdiv=None):
-    from keras_sketch.optimizers.sketched_sgd import sketch_sizes
+def configs(d, replicas, rows=None, kdiv=None, p=None):
+    """``(name, ratio, SketchedSGD kwargs)`` of every method.  ``kdiv``: k =
+    columns / kdiv (a float: 0.5 gives k = 2 columns) instead of the rule's
+    columns // 4, same bytes budget; ``p``: two_round's candidates per update
+    coordinate instead of ``P_CANDIDATES`` (set by ``run_task``; names get
+    ``_P<p>``)."""
+    from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES, sketch_sizes
 
     out = [("sgd_momentum", None, {})]
     extra, suffix = (dict(rows=rows), f"_rows{rows}") if rows else ({}, "")
     for r in RATIOS:
         for mode in ("fetchsgd", "two_round"):
             kw, sfx = dict(extra), suffix
-            if kdiv:  # k = columns // kdiv instead of the rule's columns // 4, same bytes budget
-                from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES
-
-                per_row = (rows or DEFAULT_ROWS) + (P_CANDIDATES / kdiv if mode == "two_round" else 0)
+            cand = p if (p and mode == "two_round") else P_CANDIDATES
+            if kdiv:  # same bytes budget: rows*columns (+ P*k in two_round) = d / r
+                per_row = (rows or DEFAULT_ROWS) + (cand / kdiv if mode == "two_round" else 0)
                 columns = max(1, int(d // (r * per_row)))
-                kw.update(columns=columns, k=max(1, columns // kdiv))
-                sfx += f"_kc{kdiv}"
+                kw.update(columns=columns, k=max(1, int(columns // kdiv)))
+                sfx += f"_kc{kdiv:g}"
+            elif p and mode == "two_round":  # the rule's k = columns // 4 with P = p in the budget
+                from keras_sketch.optimizers.sketched_sgd import K_PER_COLUMNS
+
+                columns = max(1, int(d // (r * ((rows or DEFAULT_ROWS) + p / K_PER_COLUMNS))))
+                kw.update(columns=columns, k=max(1, columns // K_PER_COLUMNS))
+            if p and mode == "two_round":
+                sfx += f"_P{p}"
             out.append((f"{mode}_{r}x{sfx}", r, dict(compression=r, mode=mode, **kw)))
         f_rows, f_columns, _ = sketch_sizes(d, r, "fetchsgd")  # not `rows`: the loop's argument
         out.append((f"local_topk_{r}x", r, dict(k=max(1, f_rows * f_columns // replicas), mode="local_topk")))
@@ -201,6 +212,23 @@ def subtract_error_variant():
     SketchedSGD._fetchsgd = _fetchsgd
 
 
+def warmup_schedule(lr, steps):
+    """Linear warm-up from lr/steps to ``lr`` over ``steps`` steps, then constant
+    (the Sketched SGD authors warm the learning rate up)."""
+    import keras
+
+    class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            import tensorflow as tf
+
+            return lr * tf.minimum(1.0, (tf.cast(step, tf.float32) + 1.0) / steps)
+
+        def get_config(self):
+            return {"lr": lr, "steps": steps}
+
+    return Warmup()
+
+
 def run_task(args):
     import numpy as np
     import tensorflow as tf
@@ -214,17 +242,23 @@ def run_task(args):
     task = TASKS[args.task](args)
     if args.subtract:
         subtract_error_variant()
+    if args.p:  # two_round's P (a module constant) for this run's configs
+        from keras_sketch.optimizers import sketched_sgd
+
+        sketched_sgd.P_CANDIDATES = args.p
     strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     d = sum(int(np.prod(v.shape)) for v in task["make_model"]().trainable_variables)
     results = load_json(OUT, {})
     grid = [float(v) for v in args.grid.split(",")] if args.grid else None
     key = f"{args.task}/{args.replicas}" + (f"/grid{args.steps}" if grid else "")
+    if args.warmup:
+        key += f"_warmup{args.warmup}"
     entry = {"task": args.task, "replicas": args.replicas, "parameters": d, "desc": task["desc"], "steps": args.steps,
-             "batch": args.batch, "learning_rate": grid or task["lr"], "metric": task["metric"],
+             "batch": args.batch, "learning_rate": grid or task["lr"], "metric": task["metric"], "warmup": args.warmup,
              "higher_is_better": task["higher_is_better"], "machine": machine_info(),
              "runs": results.get(key, {}).get("runs", {}) if args.only or grid else {}}  # adds to a previous run
     only = set(args.only.split(",")) if args.only else None
-    todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv)
+    todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv, args.p)
             for lr in (grid or [task["lr"]]) if not only or name in only]
     for name, ratio, kwargs, lr in todo:
         if grid:
@@ -233,11 +267,14 @@ def run_task(args):
                 continue
         with strategy.scope():
             model = task["make_model"]()
-            optimizer = ks.SketchedSGD(learning_rate=lr, momentum=0.9, **kwargs)
+            rate = warmup_schedule(lr, args.warmup) if args.warmup else lr
+            optimizer = ks.SketchedSGD(learning_rate=rate, momentum=0.9, **kwargs)
         trainer = Trainer(model, optimizer, task["loss_fn"], strategy)
         x, y, b = task["x"], task["y"], args.batch
+        batches = len(x) // b  # more steps than batches: the data is cycled (epochs)
         losses, times = [], []
-        for s in range(args.steps):
+        for step in range(args.steps):
+            s = step % batches
             t = time.perf_counter()
             losses.append(trainer.train_step(x[s * b : (s + 1) * b], y[s * b : (s + 1) * b]))
             times.append(time.perf_counter() - t)
@@ -313,8 +350,9 @@ def grid_table(entry):
     base_lr = max(base, key=lambda lr: score(base[lr]))
     bq = base[base_lr][metric]
     lrs = sorted({lr for m in methods.values() for lr in m})
-    lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps "
-             f"({entry['parameters']:,} parameters)", "",
+    warm = f", linear learning-rate warm-up over {entry['warmup']} steps" if entry.get("warmup") else ""
+    lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps"
+             f"{warm} ({entry['parameters']:,} parameters)", "",
              f"{entry['desc']}; global batch {entry['batch']}, momentum 0.9; every method at every learning rate of "
              f"the grid. Uncompressed best: lr {base_lr:g}, {metric} {bq:.4g}. " + machine_line(entry["machine"]), "",
              f"| method | ratio (handed) | best lr | {metric} at best | / uncompressed best | {metric} at lr {base_lr:g} "
@@ -426,7 +464,11 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated method names (added to the stored run)")
     parser.add_argument("--rows", type=int, default=None, help="sketch rows instead of the rule's (names get _rowsN)")
     parser.add_argument("--grid", default="", help="comma-separated learning rates: every method at each (resumable)")
-    parser.add_argument("--kdiv", type=int, default=None, help="sketch modes: k = columns // KDIV (names get _kcN)")
+    parser.add_argument("--kdiv", type=float, default=None,
+                        help="sketch modes: k = columns / KDIV, e.g. 2 or 0.5 (names get _kcN)")
+    parser.add_argument("--p", type=int, default=None, help="two_round: P candidates per update coordinate (names get _PN)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="linear learning-rate warm-up over this many steps (grid key gets _warmupN)")
     parser.add_argument("--subtract", action="store_true", help="diagnostic fetchsgd variant E -= sketch(Delta) (grid only)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
