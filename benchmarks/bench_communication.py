@@ -29,6 +29,7 @@ Run task by task: ``python benchmarks/bench_communication.py --task lm``,
 
 import argparse
 import math
+import re
 import time
 
 from common import (
@@ -261,6 +262,8 @@ def run_task(args):
     todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv, args.p)
             for lr in (grid or [task["lr"]]) if not only or name in only]
     for name, ratio, kwargs, lr in todo:
+        if args.seed and kwargs.get("mode") in ("fetchsgd", "two_round"):  # another draw of the hash functions
+            kwargs, name = dict(kwargs, seed=args.seed), f"{name}_seed{args.seed}"
         if grid:
             name = f"{name}{'_subtract' if args.subtract else ''}@{lr:g}"
             if name in entry["runs"]:  # resumable: a grid point already measured is kept
@@ -331,12 +334,11 @@ def projection(entry):
     return out
 
 
-def grid_table(entry):
-    """Every method at its best learning rate of the grid and at the
-    uncompressed baseline's best learning rate."""
-    metric, runs, sign = entry["metric"], entry["runs"], (1 if entry["higher_is_better"] else -1)
+def grid_best(entry):
+    """``{method: (best lr, run at it)}`` and the uncompressed baseline's best lr."""
+    metric, sign = entry["metric"], (1 if entry["higher_is_better"] else -1)
     methods = {}
-    for name, run in runs.items():
+    for name, run in entry["runs"].items():
         method, lr = name.rsplit("@", 1)
         methods.setdefault(method, {})[float(lr)] = run
 
@@ -344,11 +346,22 @@ def grid_table(entry):
         q = run[metric]
         return sign * q if run["finite"] and math.isfinite(q) else -math.inf
 
-    base = methods.get("sgd_momentum")
-    if not base:
+    best = {m: max(by_lr.items(), key=lambda item: score(item[1])) for m, by_lr in methods.items()}
+    return best, methods
+
+
+RULE_NAME = re.compile(r"^(fetchsgd|two_round|local_topk)_(\d+)x$")  # the sizing rule's own configs
+
+
+def grid_table(entry):
+    """Every method at its best learning rate of the grid and at the
+    uncompressed baseline's best learning rate."""
+    metric = entry["metric"]
+    best_of, methods = grid_best(entry)
+    if "sgd_momentum" not in best_of:
         return []
-    base_lr = max(base, key=lambda lr: score(base[lr]))
-    bq = base[base_lr][metric]
+    base_lr, base_run = best_of["sgd_momentum"]
+    bq = base_run[metric]
     lrs = sorted({lr for m in methods.values() for lr in m})
     warm = f", linear learning-rate warm-up over {entry['warmup']} steps" if entry.get("warmup") else ""
     lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps"
@@ -358,7 +371,7 @@ def grid_table(entry):
              f"| method | ratio (handed) | best lr | {metric} at best | / uncompressed best | {metric} at lr {base_lr:g} "
              f"| / uncompressed best | all lrs |", "|---|---|---|---|---|---|---|---|"]
     for method, by_lr in methods.items():
-        best = max(by_lr, key=lambda lr: score(by_lr[lr]))
+        best = best_of[method][0]
         at = by_lr.get(base_lr)
         cells = ", ".join(f"{lr:g}: {by_lr[lr][metric]:.4g}" for lr in sorted(by_lr))
         at_s = f"{at[metric]:.4g} | {at[metric] / bq:.3g}" if at else "- | -"
@@ -370,21 +383,36 @@ def grid_table(entry):
 def report():
     results = load_json(OUT, {})
     lines = [
-        "Commands: `python benchmarks/bench_communication.py --task lm --lr 0.1` (and `--replicas 4`), "
-        "`--task embedding --batch 64 --lr 5`, the `_rows1` lines with `--rows 1 --only <names>`, then `--report`. "
+        "Sizing rule: since this section's 600-step tables, `compression=r` picks 1 row, `k = columns // 2` and "
+        "(two_round) `P = 2`; lines named `_rows5_kc4` (`_P8`) were measured with the earlier rule (5 rows, "
+        "k = columns // 4, P = 8) and are reproduced with `--rows 5 --kdiv 4 --p 8`; a name spells out every "
+        "setting that differs from the current rule. "
+        "Commands: `python benchmarks/bench_communication.py --task lm --lr 0.1 --rows 5 --kdiv 4 --p 8` (and "
+        "`--replicas 4`), `--task embedding --batch 64 --lr 5 --rows 5 --kdiv 4 --p 8`, the `_rows1_kc4` lines with "
+        "`--rows 1 --kdiv 4 --p 8 --only <names>`, then `--report`. "
         "Replicas are logical CPU devices under MirroredStrategy. 'ratio (handed)' = 4 x parameters / bytes one "
         "replica hands to the collectives; 'wire ratio' = ring traffic of the uncompressed Keras path (which "
         "all-gathers sparse embedding gradients) / ring traffic of the method. Machine shared with other agents: "
         "times are medians, read only as ratios within one run. The learning-rate grid sections: "
-        "`--task lm --grid 0.05,0.1,0.2,0.4 --only sgd_momentum,fetchsgd_40x,two_round_40x,local_topk_40x`, "
-        "`--task embedding --batch 64 --steps 300 --grid 0.5,2,5 --only ...`, plus `--rows 1 --kdiv 2` "
-        "and `--subtract` for the variant lines (docs/sketched_sgd.md lists every command).",
+        "`--task lm --steps 150 --grid 0.05,0.1,0.2,0.4 --only ...`, `--task lm --steps 600 --grid 0.05,0.1,0.2 "
+        "--only ...` (also `--steps 1500`, `--warmup 100`), `--task embedding --batch 64 --steps 300 --grid 0.5,2,5 "
+        "--only ...`, with `--rows/--kdiv/--p/--seed/--subtract` as a line's name says (docs/sketched_sgd.md lists "
+        "every command). From 600 steps the LM trains on the whole 216k-token split, cycled (a different "
+        "vocabulary than the 150-step runs, which use the first 96k tokens): compare within a table only.",
         "",
     ]
     plot_data = []
-    for key, entry in sorted(results.items()):
+    order = {key: (e["task"], e["replicas"], "/grid" in key, e["steps"], e.get("warmup") or 0) for key, e in results.items()}
+    for key, entry in sorted(results.items(), key=lambda item: order[item[0]]):
         if "/grid" in key:
             lines += grid_table(entry)
+            best, _ = grid_best(entry)
+            if "sgd_momentum" in best and sum(bool(RULE_NAME.match(m)) for m in best) > 3:  # a quality-vs-bytes sweep
+                bq = best["sgd_momentum"][1][entry["metric"]]
+                label = f"{entry['replicas']} replicas, {entry['steps']} steps, each at its best lr"
+                for m, (_, run) in best.items():
+                    if RULE_NAME.match(m) or m == "sgd_momentum":
+                        plot_data.append((entry["task"], label, m, run["handed_ratio"], run[entry["metric"]] / bq))
             continue
         metric, runs = entry["metric"], entry["runs"]
         base = runs.get("sgd_momentum")
@@ -402,7 +430,8 @@ def report():
             sc = f"{run['sketch_cost_s'] * 1e3:.1f}" if "sketch_cost_s" in run else "-"
             lines.append(f"| {name} | {q:.4g} | {qr:.3g} | {run['handed_bytes']:,} | {run['handed_ratio']:.1f} | {wr:.1f} | "
                          f"{run['sketch_shape'] or '-'} | {run['k'] or '-'} | {run['median_step_s'] * 1e3:.1f} | {sr:.2f} | {sc} |")
-            plot_data.append((entry["task"], entry["replicas"], name, run["handed_ratio"], qr))
+            plot_data.append((entry["task"], f"{entry['replicas']} replicas, {entry['steps']} steps, lr {entry['learning_rate']}",
+                              name, run["handed_ratio"], qr))
         proj = projection(entry)
         if proj:
             lines += ["", "Projection to a 100M-parameter model (sketch cost scaled linearly in parameters from the "
@@ -441,7 +470,7 @@ def report():
             ax.set_ylim(0, top * 1.05)
             ax.axhline(1.0, color="gray", linewidth=0.8)
             better = "higher" if task == "embedding" else "lower"
-            ax.set_title(f"{task}, {reps} replicas ({better} is better)")
+            ax.set_title(f"{task}, {reps} ({better} is better)", fontsize=9)
             ax.set_xlabel("bytes ratio (4 x parameters / bytes handed to the collective)")
             ax.set_ylabel("quality / uncompressed SGD+momentum")
             ax.legend(fontsize=8)
@@ -466,6 +495,7 @@ def main():
     parser.add_argument("--grid", default="", help="comma-separated learning rates: every method at each (resumable)")
     parser.add_argument("--kdiv", type=float, default=None,
                         help="sketch modes: k = columns / KDIV, e.g. 2 or 0.5 (names get _kcN)")
+    parser.add_argument("--seed", type=int, default=0, help="sketch modes: hash seed (names get _seedN)")
     parser.add_argument("--p", type=int, default=None, help="two_round: P candidates per update coordinate (names get _PN)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="linear learning-rate warm-up over this many steps (grid key gets _warmupN)")

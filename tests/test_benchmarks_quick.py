@@ -107,7 +107,7 @@ def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
     its bytes budget (a loop variable once shadowed `rows`)."""
     import argparse
 
-    from keras_sketch.optimizers.sketched_sgd import P_CANDIDATES
+    from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES
 
     bench = script("benchmarks", "bench_communication")
     args = argparse.Namespace(steps=2, batch=4, lr=None)
@@ -122,7 +122,7 @@ def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
             from keras_sketch.optimizers.sketched_sgd import sketch_sizes
 
             r, c, k = sketch_sizes(d, kw["compression"], kw["mode"], kw.get("rows"), kw.get("columns"), kw.get("k"))
-            assert r == (rows or 5), name
+            assert r == (rows or DEFAULT_ROWS), name
             floats = r * c + (P_CANDIDATES * k if kw["mode"] == "two_round" else 0)
             assert 0.9 * ratio <= d / floats <= 1.1 * ratio, (name, r, c, k)
 
