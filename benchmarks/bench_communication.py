@@ -350,7 +350,8 @@ def grid_best(entry):
     return best, methods
 
 
-RULE_NAME = re.compile(r"^(fetchsgd|two_round|local_topk)_(\d+)x$")  # the sizing rule's own configs
+# The sizing rule's own configs (also when named with the rule's values: 1 row, k = columns // 2, P = 2).
+RULE_NAME = re.compile(r"^(fetchsgd|two_round|local_topk)_(\d+)x(_rows1_kc2)?(_P2)?$")
 
 
 def grid_table(entry):
@@ -430,8 +431,9 @@ def report():
             sc = f"{run['sketch_cost_s'] * 1e3:.1f}" if "sketch_cost_s" in run else "-"
             lines.append(f"| {name} | {q:.4g} | {qr:.3g} | {run['handed_bytes']:,} | {run['handed_ratio']:.1f} | {wr:.1f} | "
                          f"{run['sketch_shape'] or '-'} | {run['k'] or '-'} | {run['median_step_s'] * 1e3:.1f} | {sr:.2f} | {sc} |")
-            plot_data.append((entry["task"], f"{entry['replicas']} replicas, {entry['steps']} steps, lr {entry['learning_rate']}",
-                              name, run["handed_ratio"], qr))
+            if "_rows1" not in name:  # the plot's lines: one sizing per method (here the rule of the time)
+                plot_data.append((entry["task"], f"{entry['replicas']} replicas, {entry['steps']} steps, "
+                                  f"lr {entry['learning_rate']}", name, run["handed_ratio"], qr))
         proj = projection(entry)
         if proj:
             lines += ["", "Projection to a 100M-parameter model (sketch cost scaled linearly in parameters from the "
