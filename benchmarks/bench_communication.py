@@ -29,6 +29,7 @@ Run task by task: ``python benchmarks/bench_communication.py --task lm``,
 
 import argparse
 import math
+import re
 import time
 
 from common import (
@@ -49,21 +50,32 @@ BANDWIDTHS_GBIT = (1, 10, 100)
 BIG_D = 100_000_000
 
 
-def configs(d, replicas, rows=None, kdiv=None):
-    from keras_sketch.optimizers.sketched_sgd import sketch_sizes
+def configs(d, replicas, rows=None, kdiv=None, p=None):
+    """``(name, ratio, SketchedSGD kwargs)`` of every method.  ``kdiv``: k =
+    columns / kdiv (a float: 0.5 gives k = 2 columns) instead of the rule's
+    columns // 4, same bytes budget; ``p``: two_round's candidates per update
+    coordinate instead of ``P_CANDIDATES`` (set by ``run_task``; names get
+    ``_P<p>``)."""
+    from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES, sketch_sizes
 
     out = [("sgd_momentum", None, {})]
     extra, suffix = (dict(rows=rows), f"_rows{rows}") if rows else ({}, "")
     for r in RATIOS:
         for mode in ("fetchsgd", "two_round"):
             kw, sfx = dict(extra), suffix
-            if kdiv:  # k = columns // kdiv instead of the rule's columns // 4, same bytes budget
-                from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES
-
-                per_row = (rows or DEFAULT_ROWS) + (P_CANDIDATES / kdiv if mode == "two_round" else 0)
+            cand = p if (p and mode == "two_round") else P_CANDIDATES
+            if kdiv:  # same bytes budget: rows*columns (+ P*k in two_round) = d / r
+                per_row = (rows or DEFAULT_ROWS) + (cand / kdiv if mode == "two_round" else 0)
                 columns = max(1, int(d // (r * per_row)))
-                kw.update(columns=columns, k=max(1, columns // kdiv))
-                sfx += f"_kc{kdiv}"
+                kw.update(columns=columns, k=max(1, int(columns // kdiv)))
+                sfx += f"_kc{kdiv:g}"
+            elif p and mode == "two_round":  # the rule's k = columns // 4 with P = p in the budget
+                from keras_sketch.optimizers.sketched_sgd import K_PER_COLUMNS
+
+                columns = max(1, int(d // (r * ((rows or DEFAULT_ROWS) + p / K_PER_COLUMNS))))
+                kw.update(columns=columns, k=max(1, columns // K_PER_COLUMNS))
+            if p and mode == "two_round":
+                sfx += f"_P{p}"
             out.append((f"{mode}_{r}x{sfx}", r, dict(compression=r, mode=mode, **kw)))
         f_rows, f_columns, _ = sketch_sizes(d, r, "fetchsgd")  # not `rows`: the loop's argument
         out.append((f"local_topk_{r}x", r, dict(k=max(1, f_rows * f_columns // replicas), mode="local_topk")))
@@ -201,6 +213,23 @@ def subtract_error_variant():
     SketchedSGD._fetchsgd = _fetchsgd
 
 
+def warmup_schedule(lr, steps):
+    """Linear warm-up from lr/steps to ``lr`` over ``steps`` steps, then constant
+    (the Sketched SGD authors warm the learning rate up)."""
+    import keras
+
+    class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            import tensorflow as tf
+
+            return lr * tf.minimum(1.0, (tf.cast(step, tf.float32) + 1.0) / steps)
+
+        def get_config(self):
+            return {"lr": lr, "steps": steps}
+
+    return Warmup()
+
+
 def run_task(args):
     import numpy as np
     import tensorflow as tf
@@ -214,30 +243,41 @@ def run_task(args):
     task = TASKS[args.task](args)
     if args.subtract:
         subtract_error_variant()
+    if args.p:  # two_round's P (a module constant) for this run's configs
+        from keras_sketch.optimizers import sketched_sgd
+
+        sketched_sgd.P_CANDIDATES = args.p
     strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     d = sum(int(np.prod(v.shape)) for v in task["make_model"]().trainable_variables)
     results = load_json(OUT, {})
     grid = [float(v) for v in args.grid.split(",")] if args.grid else None
     key = f"{args.task}/{args.replicas}" + (f"/grid{args.steps}" if grid else "")
+    if args.warmup:
+        key += f"_warmup{args.warmup}"
     entry = {"task": args.task, "replicas": args.replicas, "parameters": d, "desc": task["desc"], "steps": args.steps,
-             "batch": args.batch, "learning_rate": grid or task["lr"], "metric": task["metric"],
+             "batch": args.batch, "learning_rate": grid or task["lr"], "metric": task["metric"], "warmup": args.warmup,
              "higher_is_better": task["higher_is_better"], "machine": machine_info(),
              "runs": results.get(key, {}).get("runs", {}) if args.only or grid else {}}  # adds to a previous run
     only = set(args.only.split(",")) if args.only else None
-    todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv)
+    todo = [(name, ratio, kwargs, lr) for name, ratio, kwargs in configs(d, args.replicas, args.rows, args.kdiv, args.p)
             for lr in (grid or [task["lr"]]) if not only or name in only]
     for name, ratio, kwargs, lr in todo:
+        if args.seed and kwargs.get("mode") in ("fetchsgd", "two_round"):  # another draw of the hash functions
+            kwargs, name = dict(kwargs, seed=args.seed), f"{name}_seed{args.seed}"
         if grid:
             name = f"{name}{'_subtract' if args.subtract else ''}@{lr:g}"
             if name in entry["runs"]:  # resumable: a grid point already measured is kept
                 continue
         with strategy.scope():
             model = task["make_model"]()
-            optimizer = ks.SketchedSGD(learning_rate=lr, momentum=0.9, **kwargs)
+            rate = warmup_schedule(lr, args.warmup) if args.warmup else lr
+            optimizer = ks.SketchedSGD(learning_rate=rate, momentum=0.9, **kwargs)
         trainer = Trainer(model, optimizer, task["loss_fn"], strategy)
         x, y, b = task["x"], task["y"], args.batch
+        batches = len(x) // b  # more steps than batches: the data is cycled (epochs)
         losses, times = [], []
-        for s in range(args.steps):
+        for step in range(args.steps):
+            s = step % batches
             t = time.perf_counter()
             losses.append(trainer.train_step(x[s * b : (s + 1) * b], y[s * b : (s + 1) * b]))
             times.append(time.perf_counter() - t)
@@ -294,12 +334,11 @@ def projection(entry):
     return out
 
 
-def grid_table(entry):
-    """Every method at its best learning rate of the grid and at the
-    uncompressed baseline's best learning rate."""
-    metric, runs, sign = entry["metric"], entry["runs"], (1 if entry["higher_is_better"] else -1)
+def grid_best(entry):
+    """``{method: (best lr, run at it)}`` and the uncompressed baseline's best lr."""
+    metric, sign = entry["metric"], (1 if entry["higher_is_better"] else -1)
     methods = {}
-    for name, run in runs.items():
+    for name, run in entry["runs"].items():
         method, lr = name.rsplit("@", 1)
         methods.setdefault(method, {})[float(lr)] = run
 
@@ -307,20 +346,33 @@ def grid_table(entry):
         q = run[metric]
         return sign * q if run["finite"] and math.isfinite(q) else -math.inf
 
-    base = methods.get("sgd_momentum")
-    if not base:
+    best = {m: max(by_lr.items(), key=lambda item: score(item[1])) for m, by_lr in methods.items()}
+    return best, methods
+
+
+# The sizing rule's own configs (also when named with the rule's values: 1 row, k = columns // 2, P = 2).
+RULE_NAME = re.compile(r"^(fetchsgd|two_round|local_topk)_(\d+)x(_rows1_kc2)?(_P2)?$")
+
+
+def grid_table(entry):
+    """Every method at its best learning rate of the grid and at the
+    uncompressed baseline's best learning rate."""
+    metric = entry["metric"]
+    best_of, methods = grid_best(entry)
+    if "sgd_momentum" not in best_of:
         return []
-    base_lr = max(base, key=lambda lr: score(base[lr]))
-    bq = base[base_lr][metric]
+    base_lr, base_run = best_of["sgd_momentum"]
+    bq = base_run[metric]
     lrs = sorted({lr for m in methods.values() for lr in m})
-    lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps "
-             f"({entry['parameters']:,} parameters)", "",
+    warm = f", linear learning-rate warm-up over {entry['warmup']} steps" if entry.get("warmup") else ""
+    lines = [f"### {entry['task']}, {entry['replicas']} replicas, learning-rate grid {lrs}, {entry['steps']} steps"
+             f"{warm} ({entry['parameters']:,} parameters)", "",
              f"{entry['desc']}; global batch {entry['batch']}, momentum 0.9; every method at every learning rate of "
              f"the grid. Uncompressed best: lr {base_lr:g}, {metric} {bq:.4g}. " + machine_line(entry["machine"]), "",
              f"| method | ratio (handed) | best lr | {metric} at best | / uncompressed best | {metric} at lr {base_lr:g} "
              f"| / uncompressed best | all lrs |", "|---|---|---|---|---|---|---|---|"]
     for method, by_lr in methods.items():
-        best = max(by_lr, key=lambda lr: score(by_lr[lr]))
+        best = best_of[method][0]
         at = by_lr.get(base_lr)
         cells = ", ".join(f"{lr:g}: {by_lr[lr][metric]:.4g}" for lr in sorted(by_lr))
         at_s = f"{at[metric]:.4g} | {at[metric] / bq:.3g}" if at else "- | -"
@@ -332,21 +384,36 @@ def grid_table(entry):
 def report():
     results = load_json(OUT, {})
     lines = [
-        "Commands: `python benchmarks/bench_communication.py --task lm --lr 0.1` (and `--replicas 4`), "
-        "`--task embedding --batch 64 --lr 5`, the `_rows1` lines with `--rows 1 --only <names>`, then `--report`. "
+        "Sizing rule: since this section's 600-step tables, `compression=r` picks 1 row, `k = columns // 2` and "
+        "(two_round) `P = 2`; lines named `_rows5_kc4` (`_P8`) were measured with the earlier rule (5 rows, "
+        "k = columns // 4, P = 8) and are reproduced with `--rows 5 --kdiv 4 --p 8`; a name spells out every "
+        "setting that differs from the current rule. "
+        "Commands: `python benchmarks/bench_communication.py --task lm --lr 0.1 --rows 5 --kdiv 4 --p 8` (and "
+        "`--replicas 4`), `--task embedding --batch 64 --lr 5 --rows 5 --kdiv 4 --p 8`, the `_rows1_kc4` lines with "
+        "`--rows 1 --kdiv 4 --p 8 --only <names>`, then `--report`. "
         "Replicas are logical CPU devices under MirroredStrategy. 'ratio (handed)' = 4 x parameters / bytes one "
         "replica hands to the collectives; 'wire ratio' = ring traffic of the uncompressed Keras path (which "
         "all-gathers sparse embedding gradients) / ring traffic of the method. Machine shared with other agents: "
         "times are medians, read only as ratios within one run. The learning-rate grid sections: "
-        "`--task lm --grid 0.05,0.1,0.2,0.4 --only sgd_momentum,fetchsgd_40x,two_round_40x,local_topk_40x`, "
-        "`--task embedding --batch 64 --steps 300 --grid 0.5,2,5 --only ...`, plus `--rows 1 --kdiv 2` "
-        "and `--subtract` for the variant lines (docs/sketched_sgd.md lists every command).",
+        "`--task lm --steps 150 --grid 0.05,0.1,0.2,0.4 --only ...`, `--task lm --steps 600 --grid 0.05,0.1,0.2 "
+        "--only ...` (also `--steps 1500`, `--warmup 100`), `--task embedding --batch 64 --steps 300 --grid 0.5,2,5 "
+        "--only ...`, with `--rows/--kdiv/--p/--seed/--subtract` as a line's name says (docs/sketched_sgd.md lists "
+        "every command). From 600 steps the LM trains on the whole 216k-token split, cycled (a different "
+        "vocabulary than the 150-step runs, which use the first 96k tokens): compare within a table only.",
         "",
     ]
     plot_data = []
-    for key, entry in sorted(results.items()):
+    order = {key: (e["task"], e["replicas"], "/grid" in key, e["steps"], e.get("warmup") or 0) for key, e in results.items()}
+    for key, entry in sorted(results.items(), key=lambda item: order[item[0]]):
         if "/grid" in key:
             lines += grid_table(entry)
+            best, _ = grid_best(entry)
+            if "sgd_momentum" in best and sum(bool(RULE_NAME.match(m)) for m in best) > 3:  # a quality-vs-bytes sweep
+                bq = best["sgd_momentum"][1][entry["metric"]]
+                label = f"{entry['replicas']} replicas, {entry['steps']} steps, each at its best lr"
+                for m, (_, run) in best.items():
+                    if RULE_NAME.match(m) or m == "sgd_momentum":
+                        plot_data.append((entry["task"], label, m, run["handed_ratio"], run[entry["metric"]] / bq))
             continue
         metric, runs = entry["metric"], entry["runs"]
         base = runs.get("sgd_momentum")
@@ -364,7 +431,9 @@ def report():
             sc = f"{run['sketch_cost_s'] * 1e3:.1f}" if "sketch_cost_s" in run else "-"
             lines.append(f"| {name} | {q:.4g} | {qr:.3g} | {run['handed_bytes']:,} | {run['handed_ratio']:.1f} | {wr:.1f} | "
                          f"{run['sketch_shape'] or '-'} | {run['k'] or '-'} | {run['median_step_s'] * 1e3:.1f} | {sr:.2f} | {sc} |")
-            plot_data.append((entry["task"], entry["replicas"], name, run["handed_ratio"], qr))
+            if "_rows1" not in name:  # the plot's lines: one sizing per method (here the rule of the time)
+                plot_data.append((entry["task"], f"{entry['replicas']} replicas, {entry['steps']} steps, "
+                                  f"lr {entry['learning_rate']}", name, run["handed_ratio"], qr))
         proj = projection(entry)
         if proj:
             lines += ["", "Projection to a 100M-parameter model (sketch cost scaled linearly in parameters from the "
@@ -403,7 +472,7 @@ def report():
             ax.set_ylim(0, top * 1.05)
             ax.axhline(1.0, color="gray", linewidth=0.8)
             better = "higher" if task == "embedding" else "lower"
-            ax.set_title(f"{task}, {reps} replicas ({better} is better)")
+            ax.set_title(f"{task}, {reps} ({better} is better)", fontsize=9)
             ax.set_xlabel("bytes ratio (4 x parameters / bytes handed to the collective)")
             ax.set_ylabel("quality / uncompressed SGD+momentum")
             ax.legend(fontsize=8)
@@ -426,7 +495,12 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated method names (added to the stored run)")
     parser.add_argument("--rows", type=int, default=None, help="sketch rows instead of the rule's (names get _rowsN)")
     parser.add_argument("--grid", default="", help="comma-separated learning rates: every method at each (resumable)")
-    parser.add_argument("--kdiv", type=int, default=None, help="sketch modes: k = columns // KDIV (names get _kcN)")
+    parser.add_argument("--kdiv", type=float, default=None,
+                        help="sketch modes: k = columns / KDIV, e.g. 2 or 0.5 (names get _kcN)")
+    parser.add_argument("--seed", type=int, default=0, help="sketch modes: hash seed (names get _seedN)")
+    parser.add_argument("--p", type=int, default=None, help="two_round: P candidates per update coordinate (names get _PN)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="linear learning-rate warm-up over this many steps (grid key gets _warmupN)")
     parser.add_argument("--subtract", action="store_true", help="diagnostic fetchsgd variant E -= sketch(Delta) (grid only)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()

@@ -41,7 +41,7 @@ MODES = {
 # Training runs of the tiny model (205 parameters): sketches of ~1/3 of d.
 TRAIN_SIZES = {
     "fetchsgd": dict(learning_rate=0.5, rows=3, columns=24, k=20),
-    "two_round": dict(learning_rate=0.1, rows=3, columns=16, k=6),
+    "two_round": dict(learning_rate=0.1, rows=3, columns=16, k=24),  # 48 + P*k = 96 floats, as with P = 8, k = 6
 }
 
 

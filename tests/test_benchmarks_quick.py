@@ -107,7 +107,7 @@ def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
     its bytes budget (a loop variable once shadowed `rows`)."""
     import argparse
 
-    from keras_sketch.optimizers.sketched_sgd import P_CANDIDATES
+    from keras_sketch.optimizers.sketched_sgd import DEFAULT_ROWS, P_CANDIDATES
 
     bench = script("benchmarks", "bench_communication")
     args = argparse.Namespace(steps=2, batch=4, lr=None)
@@ -115,16 +115,24 @@ def test_bench_communication_tasks_build_and_grid_sizes_keep_the_budget(script):
         task = bench.TASKS[name](args)
         assert task["make_model"]().count_params() > 1000
     d = 218_832
-    for rows, kdiv in ((None, None), (1, None), (1, 2), (3, 1)):
-        for name, ratio, kw in bench.configs(d, 2, rows, kdiv):
+    for rows, kdiv, p in ((None, None, None), (1, None, None), (1, 2, None), (3, 1, None), (5, 4, 8), (1, 0.5, 2), (1, None, 4)):
+        for name, ratio, kw in bench.configs(d, 2, rows, kdiv, p):
             if ratio is None or kw["mode"] == "local_topk":
                 continue
             from keras_sketch.optimizers.sketched_sgd import sketch_sizes
 
             r, c, k = sketch_sizes(d, kw["compression"], kw["mode"], kw.get("rows"), kw.get("columns"), kw.get("k"))
-            assert r == (rows or 5), name
-            floats = r * c + (P_CANDIDATES * k if kw["mode"] == "two_round" else 0)
+            assert r == (rows or DEFAULT_ROWS), name
+            floats = r * c + ((p or P_CANDIDATES) * k if kw["mode"] == "two_round" else 0)
             assert 0.9 * ratio <= d / floats <= 1.1 * ratio, (name, r, c, k)
+    # RESULTS.md's `_rows5_kc4(_P8)` lines are the earlier rule's shapes (5 x 1094, k 273; 5 x 781, k 195) ...
+    old = {n: kw for n, _, kw in bench.configs(d, 2, 5, 4, 8)}
+    assert (old["fetchsgd_40x_rows5_kc4"]["columns"], old["fetchsgd_40x_rows5_kc4"]["k"]) == (1094, 273)
+    assert (old["two_round_40x_rows5_kc4_P8"]["columns"], old["two_round_40x_rows5_kc4_P8"]["k"]) == (781, 195)
+    # ... and the current rule's 40x is what the `_rows1_kc2` (`_P2`) lines ran.
+    named = {n: kw for n, _, kw in bench.configs(d, 2, 1, 2, 2)}
+    for mode, name in (("fetchsgd", "fetchsgd_40x_rows1_kc2"), ("two_round", "two_round_40x_rows1_kc2_P2")):
+        assert sketch_sizes(d, 40, mode) == (1, named[name]["columns"], named[name]["k"]), mode
 
 
 def test_lazy_study_quick_runs_and_catch_up_tracks_dense_adam(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import keras_sketch as ks
 from keras_sketch.distributed import free_port, local_tf_config
+from keras_sketch.optimizers.sketched_sgd import P_CANDIDATES
 from tests import sketched_sgd_worker as worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ P = 2**31 - 1
 # --- NumPy reference, written from the papers ---------------------------------------------
 # Shared with the package only by contract: the documented hash formula
 # h_j(i) = ((a_j i + b_j) mod P) mod c, s_j(i) = 1 - 2 (((c_j i + d_j) mod P) mod 2),
-# the coordinate order (variables in order, row-major), P = 8 candidates per update
+# the coordinate order (variables in order, row-major), P_CANDIDATES (two_round: 2) candidates per update
 # coordinate, and ties in top-k going to the lower coordinate.
 
 
@@ -82,7 +83,7 @@ class NpSketchedSGD:
         update = np.zeros_like(self.w)
         if self.mode == "two_round":
             S = sum(self.cs.sketch(e) for e in self.e)
-            candidates = top(self.cs.unsketch(S), min(8 * self.k, len(self.w)))
+            candidates = top(self.cs.unsketch(S), min(P_CANDIDATES * self.k, len(self.w)))
             exact = self.e[:, candidates].sum(axis=0)  # the second round
             best = top(exact, self.k)
             chosen = candidates[best]
@@ -203,7 +204,7 @@ def test_compression_rule_hits_the_ratio_counted_from_the_collective(mode, ratio
     rounds = {c["round"]: c["bytes"] for c in report["collectives"]}
     assert rounds["sketch"] == 4 * rows * columns
     if mode == "two_round":
-        assert rounds["candidates"] == 4 * report["candidates"] == 4 * 8 * report["k"]
+        assert rounds["candidates"] == 4 * report["candidates"] == 4 * P_CANDIDATES * report["k"]
     assert report["sent_bytes_per_step"] == sum(rounds.values())
     assert 0.9 * ratio < report["ratio"] < 1.1 * ratio, report
     assert max(int(np.prod(c["shape"])) for c in report["collectives"]) < d / 3

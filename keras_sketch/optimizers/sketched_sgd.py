@@ -40,8 +40,9 @@ sketches is the sketch of the summed gradient.
     Delta = top-k of exact by magnitude (on the candidates)
     u[i] = e[i] = 0 for every chosen i (momentum-factor masking), w <- w - Delta
 
-``P = 8`` here (the authors' response uses P = 8 for CIFAR-10); ``P*k`` is
-capped at ``d``.
+``P = 2`` here (the authors' response uses P = 8 for CIFAR-10; at equal
+bytes P = 2 did better in this project's benchmark, see the sizing rule);
+``P*k`` is capped at ``d``.
 
 ``mode="local_topk"`` is the baseline the papers beat (local top-k with error
 feedback, like deep gradient compression without clipping): per-replica
@@ -58,15 +59,20 @@ Sizes (``compression=r``; explicit ``rows``/``columns``/``k`` override): the
 dense all-reduce hands ``4*d`` bytes per replica to the collective; the rule
 aims at ``4*d/r``:
 
-* ``rows = 5`` unless given (odd, so the median is one bucket), at most
-  ``d // r`` so ``columns >= 1``;
+* ``rows = 1`` unless given, at most ``d // r`` so ``columns >= 1``;
 * fetchsgd: ``columns = floor(d / (r * rows))``;
 * two_round: the ``P*k`` second-round floats are in the budget:
-  ``columns = floor(d / (r * (rows + P/4)))``;
+  ``columns = floor(d / (r * (rows + P/2)))`` (with the defaults, half the
+  budget is the sketch and half the ``P*k = columns`` candidates);
 * local_topk: ``k`` (values + int32 indices, 8 bytes each) ``= floor(d / (2 r))``;
-* ``k = max(1, columns // 4)`` unless given (a count sketch of ``c`` columns
+* ``k = max(1, columns // 2)`` unless given (a count sketch of ``c`` columns
   recovers the heaviest ``O(c)`` coordinates; the authors' response says the
   exact constants are found experimentally).
+
+The constants (1 row, ``k = columns // 2``, ``P = 2``) replaced 5 rows,
+``k = columns // 4`` and ``P = 8``, which updated too few coordinates per
+step: at 40x they were 1.3x to 10x worse on both benchmark tasks
+(docs/sketched_sgd.md, "Sizing rule").
 
 Under a strategy the per-replica ``u``/``e`` of two_round and local_topk are
 ``ON_READ`` variables (``replica_state.ReplicaVariable``): checkpoints,
@@ -97,9 +103,9 @@ from keras_sketch.optimizers.replica_state import ReplicaVariable
 from keras_sketch.sketch import COUNT_SKETCH, Sketch, hash_params
 
 MODES = ("fetchsgd", "two_round", "local_topk")
-P_CANDIDATES = 8  # two_round: candidates per update coordinate (P)
-DEFAULT_ROWS = 5
-K_PER_COLUMNS = 4  # k = columns // 4
+P_CANDIDATES = 2  # two_round: candidates per update coordinate (P)
+DEFAULT_ROWS = 1
+K_PER_COLUMNS = 2  # k = columns // 2
 BYTES_PER_FLOAT = 4
 MAX_SEED = 2**32 - 1
 
