@@ -511,11 +511,9 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
                              f"of shape {layout.shape}.")
         flat = tf.reshape(tf.cast(ids, tf.int64), [-1])
         last = tf_variable(self._last_step[index]).sparse_read(flat)
-        skipped = (tf.cast(self.iterations, tf.int64) - last)[:, None]
         lr = tf.cast(tf.convert_to_tensor(self.learning_rate), dtype)
         rows = Rows(flat, tf.ones(tf.stack([tf.size(flat), 1]), dtype))
-        state = StepState(self._slots[index], rows, frozen=True)
-        move = self._catch_up(state, tf.cast(last, dtype)[:, None], skipped, self._learning_rate_at(lr))
+        move = self._missed_since(StepState(self._slots[index], rows, frozen=True), last, lr)
         if isinstance(move, float):
             return None
         return tf.reshape(move, tf.concat([tf.shape(ids), [layout.dim]], 0))
@@ -528,11 +526,9 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
         ``done`` the rows are brought up to the last completed step instead
         of the one being taken (``catch_up_all``)."""
         counter = tf_variable(self._last_step[index])
-        now = tf.cast(self.iterations, tf.int64) + (0 if done else 1)
         last = tf.gather(tf.convert_to_tensor(counter), ids) if valid is None else counter.sparse_read(ids)
-        skipped = (now - (0 if done else 1) - last)[:, None]
-        missed = self._catch_up(state, tf.cast(last, lr.dtype)[:, None], skipped, self._learning_rate_at(lr))
-        stamp = tf.fill(tf.shape(ids), now)
+        missed = self._missed_since(state, last, lr)
+        stamp = tf.fill(tf.shape(ids), tf.cast(self.iterations, tf.int64) + (0 if done else 1))
         if valid is None:
             counter.assign(stamp)
         else:  # entries that are no real rows keep their stamp; XLA's (all id 0) agree with a real row 0
@@ -540,6 +536,13 @@ class SketchOptimizer(CompressedStateMixin, keras.optimizers.Optimizer):
             touched = valid | (row_zero & tf.reduce_any(valid & row_zero))
             counter.scatter_nd_update(ids[:, None], tf.where(touched, stamp, last))
         return missed
+
+    def _missed_since(self, state, last, lr):
+        """``_catch_up`` of rows last touched at steps ``last`` (int64 ``[k]``):
+        the steps ``last + 1 .. iterations`` they missed, completed steps
+        only (the step being taken, if any, is applied after)."""
+        skipped = (tf.cast(self.iterations, tf.int64) - last)[:, None]
+        return self._catch_up(state, tf.cast(last, lr.dtype)[:, None], skipped, self._learning_rate_at(lr))
 
     def _learning_rate_at(self, lr):
         """``lr_at(t)``: the learning rate step(s) ``t`` (1-based, a float
