@@ -331,11 +331,13 @@ _MISSED_BLOCK_ELEMENTS = 2**22  # a block's [B, k, dim] terms: at most 16 MiB of
 
 def _missed_block(like):
     """``B``: 32 missed steps per block, fewer when ``32 x k x dim`` would
-    exceed ``_MISSED_BLOCK_ELEMENTS`` (static when ``like``'s shape is, as
-    under XLA; else 8)."""
+    exceed ``_MISSED_BLOCK_ELEMENTS``; a Python int when ``like``'s shape is
+    static (as under XLA), else an int64 tensor (``k``, the step's number of
+    unique rows, is known only when the step runs)."""
     size = like.shape.num_elements()
     if size is None:
-        return 8
+        size = tf.size(like, out_type=tf.int64)
+        return tf.clip_by_value(_MISSED_BLOCK_ELEMENTS // tf.maximum(size, 1), 1, 32)
     return int(max(1, min(32, _MISSED_BLOCK_ELEMENTS // max(size, 1))))
 
 
