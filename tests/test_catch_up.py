@@ -382,3 +382,26 @@ def test_model_catch_up_under_mirrored_strategy_trains_as_the_dense_optimizer():
     out = json.loads([ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
     for ours, dense in zip(out["ours"], out["dense"]):
         np.testing.assert_allclose(np.array(ours), np.array(dense), rtol=1e-5, atol=1e-6)
+
+
+def test_ragged_and_sparse_ids_are_read_caught_up_as_dense_ids():
+    x, y = _model_stream(steps=16)
+    model = _fitted(ks.layers.Embedding, CASES["adam"][0], x, y)
+    model.fit(np.arange(16, dtype=np.int32).reshape(-1, SEQ), y[:4], batch_size=2, verbose=0)  # rows >= 16 owe moves
+    layer = model.get_layer("table")
+    ids = np.arange(MODEL_ROWS, dtype=np.int32).reshape(-1, SEQ)
+    dense = layer(ids, training=True).numpy()
+    assert np.abs(dense - layer(ids).numpy()).max() > 0  # the caught-up read differs from the table
+    ragged = layer(tf.RaggedTensor.from_tensor(ids), training=True)
+    np.testing.assert_array_equal(ragged.to_tensor().numpy(), dense)
+    every = np.argwhere(np.ones(ids.shape, bool)).astype(np.int64)  # every entry present
+    sparse_ids = tf.SparseTensor(every, ids.reshape(-1), ids.shape)
+    np.testing.assert_allclose(layer(sparse_ids, training=True).numpy(), dense, rtol=1e-6, atol=1e-7)
+
+
+def test_pending_move_refuses_a_variable_that_is_not_a_table():
+    var = keras.Variable(np.ones((4, 3, 2), np.float32), name="cube")
+    opt = CASES["adam"][0](catch_up=True, depth=1, width=12, min_rows=1)
+    opt.build([var])
+    with pytest.raises(ValueError, match="pending_move.*cube.*\\(4, 3, 2\\)"):
+        opt.pending_move(var, tf.constant([0]))
